@@ -1,0 +1,463 @@
+//! Service configuration: one struct, loaded once with figment
+//! (defaults < `CONFIG_FILE` TOML < `.env` < environment), validated before anything starts.
+//!
+//! Environment variable names are the original Go service's (`KAFKA_BROKERS`, `DATABASE_URL`,
+//! `METRICS_PORT`) plus the ones listed in [`ENV_VARS`]. Any librdkafka property can be passed as
+//! `KAFKA_PROPERTY_<NAME>` (dots become underscores), so TLS and SASL need no code changes.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// Prefix of environment variables passed through to librdkafka.
+pub const KAFKA_PROPERTY_PREFIX: &str = "KAFKA_PROPERTY_";
+
+/// Every environment variable the service reads (besides `KAFKA_PROPERTY_*`), so the chart and
+/// the code cannot drift apart unnoticed (`nexus-analytics env-vars` prints this list).
+pub const ENV_VARS: &[&str] = &[
+    "CONFIG_FILE",
+    "DATABASE_URL",
+    "DATABASE_POOL_SIZE",
+    "DATABASE_WRITE_TIMEOUT_SECS",
+    "KAFKA_BROKERS",
+    "KAFKA_TOPICS",
+    "KAFKA_GROUP_ID",
+    "KAFKA_DLQ_TOPIC",
+    "KAFKA_SESSION_TIMEOUT_MS",
+    "METRICS_PORT",
+    "BATCH_MAX_EVENTS",
+    "BATCH_MAX_BYTES",
+    "BATCH_LINGER_MS",
+    "MAX_EVENT_BYTES",
+    "FETCH_BUFFER_KBYTES",
+    "SHUTDOWN_TIMEOUT_SECS",
+    "LIVENESS_STALL_SECS",
+    "LAG_REFRESH_SECS",
+    "LOG_FORMAT",
+    "LOG_LEVEL",
+    "RUST_LOG",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_SERVICE_NAME",
+];
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line, for log shippers.
+    Json,
+}
+
+/// A value that must never be printed: `Debug` and `Display` show `***`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The secret itself; call only where it is handed to a client library.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+/// A configuration problem, naming the setting as the operator spells it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// A required setting has no value.
+    #[error("missing setting {0}: it is required")]
+    Missing(&'static str),
+    /// A setting has a value the service cannot use.
+    #[error("invalid setting {setting}: {reason}")]
+    Invalid {
+        /// The environment variable name.
+        setting: String,
+        /// Why it was rejected (never contains the secret value).
+        reason: String,
+    },
+    /// The config file or `.env` could not be read.
+    #[error("cannot read configuration: {0}")]
+    Source(String),
+}
+
+/// The whole service configuration. Field names are the environment variable names in lower case.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// Bootstrap servers, comma-separated.
+    pub kafka_brokers: String,
+    /// Topics to consume, comma-separated.
+    pub kafka_topics: String,
+    /// Consumer group shared by all replicas.
+    pub kafka_group_id: String,
+    /// Where undecodable or rejected records go.
+    pub kafka_dlq_topic: String,
+    /// Group session timeout; a dead replica's partitions move after this long.
+    pub kafka_session_timeout_ms: u32,
+    /// librdkafka properties passed through verbatim (security, tuning).
+    #[serde(default)]
+    pub kafka_properties: BTreeMap<String, Secret>,
+    /// PostgreSQL URL (required).
+    pub database_url: Option<Secret>,
+    /// Connections in the write pool.
+    pub database_pool_size: u32,
+    /// A batch write that takes longer is abandoned and retried (keeps the loop turning).
+    pub database_write_timeout_secs: u64,
+    /// Port of `/metrics`, `/health`, `/livez`, `/readyz`.
+    pub metrics_port: u16,
+    /// A batch is written when it holds this many events...
+    pub batch_max_events: usize,
+    /// ...or this many payload bytes...
+    pub batch_max_bytes: usize,
+    /// ...or its first event has waited this long.
+    pub batch_linger_ms: u64,
+    /// Records larger than this are dead-lettered instead of stored.
+    pub max_event_bytes: usize,
+    /// Bound on records librdkafka prefetches (`queued.max.messages.kbytes`): caps memory.
+    pub fetch_buffer_kbytes: u32,
+    /// Drain budget on SIGTERM; the pod's grace period must be longer.
+    pub shutdown_timeout_secs: u64,
+    /// `/livez` fails when the consume loop has not turned for this long.
+    pub liveness_stall_secs: u64,
+    /// How often consumer lag is recomputed.
+    pub lag_refresh_secs: u64,
+    /// `text` or `json`.
+    pub log_format: LogFormat,
+    /// A `tracing` filter directive, e.g. `info` or `nexus_analytics=debug`.
+    pub log_level: String,
+    /// OTLP/HTTP endpoint for spans; unset means no span export.
+    pub otel_exporter_otlp_endpoint: Option<String>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            kafka_brokers: "localhost:9092".into(),
+            kafka_topics: "user-events".into(),
+            kafka_group_id: "analytics-service".into(),
+            kafka_dlq_topic: "user-events.dlq".into(),
+            kafka_session_timeout_ms: 10_000,
+            kafka_properties: BTreeMap::new(),
+            database_url: None,
+            database_pool_size: 4,
+            database_write_timeout_secs: 10,
+            metrics_port: 9090,
+            batch_max_events: 2000,
+            batch_max_bytes: 4 * 1024 * 1024,
+            batch_linger_ms: 100,
+            max_event_bytes: 512 * 1024,
+            fetch_buffer_kbytes: 16 * 1024,
+            shutdown_timeout_secs: 20,
+            liveness_stall_secs: 60,
+            lag_refresh_secs: 5,
+            log_format: LogFormat::Text,
+            log_level: "info".into(),
+            otel_exporter_otlp_endpoint: None,
+        }
+    }
+}
+
+impl Settings {
+    /// Loads from the process environment, `.env` in the working directory and `CONFIG_FILE`.
+    ///
+    /// Call before any thread starts: `.env` values are put into the process environment
+    /// (without overriding variables that are already set), which is what makes them rank
+    /// between the file and the real environment.
+    pub fn load() -> Result<Self, ConfigError> {
+        match dotenvy::dotenv() {
+            Ok(_) => {}
+            Err(e) if e.not_found() => {}
+            Err(e) => return Err(ConfigError::Source(format!(".env: {e}"))),
+        }
+        Self::from_figment(Self::figment())
+    }
+
+    /// The layered sources, exposed so tests can run them inside `figment::Jail`.
+    pub fn figment() -> Figment {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        if let Ok(path) = std::env::var("CONFIG_FILE") {
+            figment = figment.merge(Toml::file_exact(PathBuf::from(path)));
+        }
+        let known: Vec<String> = ENV_VARS
+            .iter()
+            .filter(|v| !matches!(**v, "CONFIG_FILE" | "RUST_LOG"))
+            .map(|v| v.to_ascii_lowercase())
+            .collect();
+        figment = figment.merge(Env::raw().filter(move |k| known.iter().any(|n| k == n.as_str())));
+        let properties: BTreeMap<String, String> = Env::prefixed(KAFKA_PROPERTY_PREFIX)
+            .iter()
+            .map(|(k, v)| (k.as_str().to_ascii_lowercase().replace('_', "."), v))
+            .collect();
+        if !properties.is_empty() {
+            figment = figment.merge(Serialized::default("kafka_properties", properties));
+        }
+        figment
+    }
+
+    /// Extracts and validates; errors name the setting in environment-variable spelling.
+    pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
+        let settings: Settings = figment.extract().map_err(|e| {
+            let setting = e
+                .path
+                .first()
+                .map(|p| p.to_ascii_uppercase())
+                .unwrap_or_else(|| "configuration".into());
+            // figment's message may echo the value; a secret setting gets a generic reason.
+            let reason = if setting == "DATABASE_URL" || setting == "KAFKA_PROPERTIES" {
+                "wrong type".to_string()
+            } else {
+                e.kind.to_string()
+            };
+            ConfigError::Invalid { setting, reason }
+        })?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(setting: &str, reason: impl Into<String>) -> ConfigError {
+            ConfigError::Invalid {
+                setting: setting.into(),
+                reason: reason.into(),
+            }
+        }
+        if let Some(url) = &self.database_url {
+            let parsed = url::Url::parse(url.expose())
+                .map_err(|e| invalid("DATABASE_URL", format!("not a URL ({e})")))?;
+            if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+                return Err(invalid(
+                    "DATABASE_URL",
+                    "scheme must be postgres:// or postgresql://",
+                ));
+            }
+        }
+        if self.kafka_brokers.trim().is_empty() {
+            return Err(invalid("KAFKA_BROKERS", "must not be empty"));
+        }
+        if self.topics().is_empty() {
+            return Err(invalid("KAFKA_TOPICS", "must name at least one topic"));
+        }
+        if self.kafka_group_id.trim().is_empty() {
+            return Err(invalid("KAFKA_GROUP_ID", "must not be empty"));
+        }
+        if self.kafka_dlq_topic.trim().is_empty() {
+            return Err(invalid("KAFKA_DLQ_TOPIC", "must not be empty"));
+        }
+        if self.topics().iter().any(|t| *t == self.kafka_dlq_topic) {
+            return Err(invalid(
+                "KAFKA_DLQ_TOPIC",
+                "must not be one of KAFKA_TOPICS",
+            ));
+        }
+        if !(1000..=3_600_000).contains(&self.kafka_session_timeout_ms) {
+            return Err(invalid(
+                "KAFKA_SESSION_TIMEOUT_MS",
+                "must be between 1000 and 3600000",
+            ));
+        }
+        let positive = [
+            ("DATABASE_POOL_SIZE", self.database_pool_size as u64),
+            (
+                "DATABASE_WRITE_TIMEOUT_SECS",
+                self.database_write_timeout_secs,
+            ),
+            ("BATCH_MAX_EVENTS", self.batch_max_events as u64),
+            ("BATCH_MAX_BYTES", self.batch_max_bytes as u64),
+            ("MAX_EVENT_BYTES", self.max_event_bytes as u64),
+            ("FETCH_BUFFER_KBYTES", self.fetch_buffer_kbytes as u64),
+            ("LIVENESS_STALL_SECS", self.liveness_stall_secs),
+            ("LAG_REFRESH_SECS", self.lag_refresh_secs),
+        ];
+        for (name, value) in positive {
+            if value == 0 {
+                return Err(invalid(name, "must be greater than 0"));
+            }
+        }
+        if self.liveness_stall_secs <= self.database_write_timeout_secs {
+            return Err(invalid(
+                "LIVENESS_STALL_SECS",
+                "must exceed DATABASE_WRITE_TIMEOUT_SECS, or a slow write would restart the pod",
+            ));
+        }
+        for key in self.kafka_properties.keys() {
+            if !key
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.')
+            {
+                return Err(invalid(
+                    &format!(
+                        "{KAFKA_PROPERTY_PREFIX}{}",
+                        key.replace('.', "_").to_uppercase()
+                    ),
+                    "not a librdkafka property name",
+                ));
+            }
+        }
+        tracing_subscriber::EnvFilter::try_new(&self.log_level)
+            .map_err(|e| invalid("LOG_LEVEL", e.to_string()))?;
+        Ok(())
+    }
+
+    /// The topics to subscribe to.
+    pub fn topics(&self) -> Vec<&str> {
+        self.kafka_topics
+            .split(',')
+            .map(str::trim)
+            .filter(|t| !t.is_empty())
+            .collect()
+    }
+
+    /// The database URL; commands that use the database call this first, so a missing
+    /// `DATABASE_URL` stops them (and only them) with a message naming it.
+    pub fn database_url(&self) -> Result<&str, ConfigError> {
+        self.database_url
+            .as_ref()
+            .map(Secret::expose)
+            .ok_or(ConfigError::Missing("DATABASE_URL"))
+    }
+
+    /// The database URL with its password replaced, for log lines.
+    pub fn database_url_redacted(&self) -> String {
+        self.database_url
+            .as_ref()
+            .map(|u| redact_url(u.expose()))
+            .unwrap_or_default()
+    }
+
+    /// Linger limit as a duration.
+    pub fn batch_linger(&self) -> Duration {
+        Duration::from_millis(self.batch_linger_ms)
+    }
+}
+
+/// Replaces the password in a URL with `***`; unparsable input is hidden entirely.
+pub fn redact_url(raw: &str) -> String {
+    match url::Url::parse(raw) {
+        Ok(mut url) => {
+            if url.password().is_some() {
+                let _ = url.set_password(Some("***"));
+            }
+            url.to_string()
+        }
+        Err(_) => "***".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use figment::Jail;
+
+    #[test]
+    fn defaults_match_the_original_service() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.set_env("DATABASE_URL", "postgres://u:p@localhost/db");
+            let s = Settings::from_figment(Settings::figment()).expect("valid");
+            assert_eq!(s.kafka_brokers, "localhost:9092");
+            assert_eq!(s.metrics_port, 9090);
+            assert_eq!(s.topics(), vec!["user-events"]);
+            assert_eq!(s.kafka_group_id, "analytics-service");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn missing_database_url_names_the_setting() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            let settings =
+                Settings::from_figment(Settings::figment()).expect("valid without a database");
+            let err = settings.database_url().unwrap_err();
+            assert_eq!(
+                err.to_string(),
+                "missing setting DATABASE_URL: it is required"
+            );
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn bad_number_names_the_setting() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.set_env("DATABASE_URL", "postgres://u:p@localhost/db");
+            jail.set_env("METRICS_PORT", "ninety");
+            let err = Settings::from_figment(Settings::figment())
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("invalid setting METRICS_PORT"), "{err}");
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn env_overrides_file_and_properties_pass_through() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.create_file(
+                "app.toml",
+                "metrics_port = 9100\nkafka_group_id = \"from-file\"\n",
+            )?;
+            jail.set_env("CONFIG_FILE", "app.toml");
+            jail.set_env("DATABASE_URL", "postgres://u:p@localhost/db");
+            jail.set_env("KAFKA_GROUP_ID", "from-env");
+            jail.set_env("KAFKA_PROPERTY_SECURITY_PROTOCOL", "SASL_SSL");
+            jail.set_env("KAFKA_PROPERTY_SASL_PASSWORD", "hunter2");
+            let s = Settings::from_figment(Settings::figment()).expect("valid");
+            assert_eq!(s.metrics_port, 9100);
+            assert_eq!(s.kafka_group_id, "from-env");
+            assert_eq!(s.kafka_properties["security.protocol"].expose(), "SASL_SSL");
+            assert!(!format!("{s:?}").contains("hunter2"));
+            assert!(!format!("{s:?}").contains("u:p@"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn secrets_are_not_echoed_in_errors() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.set_env("DATABASE_URL", "mysql://user:hunter2@localhost/db");
+            let err = Settings::from_figment(Settings::figment())
+                .unwrap_err()
+                .to_string();
+            assert!(err.starts_with("invalid setting DATABASE_URL"), "{err}");
+            assert!(!err.contains("hunter2"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn redaction_hides_password_only() {
+        assert_eq!(
+            redact_url("postgres://nexus:secret@db:5432/x"),
+            "postgres://nexus:***@db:5432/x"
+        );
+        assert_eq!(redact_url("postgres://db/x"), "postgres://db/x");
+        assert_eq!(redact_url("not a url"), "***");
+    }
+}

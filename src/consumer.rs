@@ -1,0 +1,363 @@
+//! The Kafka side: the consumer group member, its rebalance handling, the consume loop with
+//! back-pressure, and the lag monitor.
+//!
+//! The loop runs on a dedicated OS thread with a `BaseConsumer`, because librdkafka runs
+//! rebalance callbacks on the thread that polls, and the callback must flush the batch in hand
+//! (a blocking database write) before partitions move. Offsets are committed explicitly, only
+//! after the batch's transaction committed (`enable.auto.commit=false`).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use rdkafka::Offset;
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::statistics::Statistics;
+use tracing::{error, info, warn};
+
+use crate::batch::Backoff;
+use crate::config::Settings;
+use crate::health::{LagMap, Status};
+use crate::lag;
+use crate::pipeline::Pipeline;
+
+/// Longest the loop blocks in `poll` when idle, which bounds how quickly it notices shutdown.
+const IDLE_POLL: Duration = Duration::from_millis(200);
+/// How long a revocation waits for an unavailable database before giving the partitions up.
+const REVOKE_FLUSH_BUDGET: Duration = Duration::from_secs(10);
+
+/// Client settings shared by every Kafka client of the service: brokers and pass-through
+/// properties (TLS, SASL, tuning).
+pub fn client_config(settings: &Settings) -> ClientConfig {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", &settings.kafka_brokers);
+    let client_id = std::env::var("HOSTNAME").unwrap_or_else(|_| "nexus-analytics".into());
+    config.set("client.id", client_id);
+    for (key, value) in &settings.kafka_properties {
+        config.set(key, value.expose());
+    }
+    config
+}
+
+/// The consumer's context: serves librdkafka's callbacks.
+pub struct PipelineContext {
+    pipeline: Arc<Pipeline>,
+    /// High watermarks from fetch responses (statistics), the freshest source while fetching.
+    fetched_high_watermarks: Mutex<HashMap<(String, i32), i64>>,
+}
+
+impl PipelineContext {
+    fn status(&self) -> &Status {
+        self.pipeline.status()
+    }
+}
+
+impl ClientContext for PipelineContext {
+    fn stats(&self, stats: Statistics) {
+        let brokers_up = stats
+            .brokers
+            .values()
+            .filter(|b| b.nodeid >= 0 && b.state == "UP")
+            .count();
+        let (joined, group_state) = match &stats.cgrp {
+            Some(g) => (
+                g.state == "up" && g.join_state == "steady",
+                format!("{}/{}", g.state, g.join_state),
+            ),
+            None => (false, "no group".into()),
+        };
+        let up = brokers_up > 0 && joined;
+        let detail = format!(
+            "{brokers_up} broker(s) up, group {group_state}, {} partition(s) assigned",
+            self.status().assigned_partitions()
+        );
+        self.status().set_kafka(up, detail);
+        let mut hw = self
+            .fetched_high_watermarks
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        for (topic, t) in &stats.topics {
+            for p in t.partitions.values() {
+                if p.partition >= 0 && p.hi_offset >= 0 {
+                    hw.insert((topic.clone(), p.partition), p.hi_offset);
+                }
+            }
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.status()
+                .set_kafka(false, format!("all brokers down: {reason}"));
+        }
+        self.pipeline.metrics().record_error("kafka_error");
+        warn!(error = %error, reason, "kafka client error");
+    }
+}
+
+impl ConsumerContext for PipelineContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Revoke(revoked) => {
+                self.pipeline.metrics().record_rebalance("revoke");
+                info!(
+                    partitions = revoked.count(),
+                    "partitions revoked; flushing the batch in hand"
+                );
+                let deadline = Instant::now() + REVOKE_FLUSH_BUDGET;
+                let mut backoff = Backoff::default();
+                loop {
+                    match self.pipeline.flush(consumer, CommitMode::Sync) {
+                        Ok(_) => break,
+                        Err(e) if Instant::now() < deadline => {
+                            warn!(error = %e, "flush before revocation failed; retrying");
+                            std::thread::sleep(backoff.next_delay());
+                        }
+                        Err(e) => {
+                            warn!(
+                                error = %e,
+                                "could not flush before revocation; the new owner will consume these records again"
+                            );
+                            self.pipeline.discard(revoked);
+                            break;
+                        }
+                    }
+                }
+            }
+            Rebalance::Assign(_) => self.pipeline.metrics().record_rebalance("assign"),
+            Rebalance::Error(e) => {
+                self.pipeline.metrics().record_rebalance("error");
+                warn!(error = %e, "rebalance error");
+            }
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
+        self.status().set_assigned_partitions(assigned as i64);
+        if let Rebalance::Assign(tpl) = rebalance {
+            info!(
+                assigned_now = tpl.count(),
+                total = assigned,
+                "partitions assigned"
+            );
+            if self.status().paused() {
+                // Still waiting for the database: do not fetch for new partitions either.
+                if let Err(e) = consumer.pause(tpl) {
+                    warn!(error = %e, "cannot pause newly assigned partitions");
+                }
+            }
+        }
+    }
+}
+
+/// A consumer group member wired to a pipeline.
+pub type PipelineConsumer = BaseConsumer<PipelineContext>;
+
+/// Creates the consumer and subscribes it to the configured topics.
+pub fn create_consumer(
+    settings: &Settings,
+    pipeline: Arc<Pipeline>,
+) -> Result<Arc<PipelineConsumer>, KafkaError> {
+    let mut config = client_config(settings);
+    config
+        .set("group.id", &settings.kafka_group_id)
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("enable.partition.eof", "false")
+        .set(
+            "session.timeout.ms",
+            settings.kafka_session_timeout_ms.to_string(),
+        )
+        .set(
+            "heartbeat.interval.ms",
+            (settings.kafka_session_timeout_ms / 3).max(100).to_string(),
+        )
+        .set("statistics.interval.ms", "1000")
+        .set(
+            "queued.max.messages.kbytes",
+            settings.fetch_buffer_kbytes.to_string(),
+        )
+        .set("partition.assignment.strategy", "cooperative-sticky");
+    // Pass-through properties win, so operators can override any of the above.
+    for (key, value) in &settings.kafka_properties {
+        config.set(key, value.expose());
+    }
+    let context = PipelineContext {
+        pipeline,
+        fetched_high_watermarks: Mutex::new(HashMap::new()),
+    };
+    let consumer: PipelineConsumer = config.create_with_context(context)?;
+    consumer.subscribe(&settings.topics())?;
+    Ok(Arc::new(consumer))
+}
+
+fn set_paused(consumer: &PipelineConsumer, paused: bool) {
+    let result = consumer.assignment().and_then(|tpl| {
+        if paused {
+            consumer.pause(&tpl)
+        } else {
+            consumer.resume(&tpl)
+        }
+    });
+    if let Err(e) = result {
+        warn!(error = %e, paused, "cannot change fetch state");
+    }
+    consumer.context().status().set_paused(paused);
+}
+
+/// Runs the consume loop until `shutdown` is set, then drains: stop fetching, flush, commit.
+/// Leaving the group happens when the consumer is dropped.
+pub fn consume(consumer: &PipelineConsumer, shutdown: &AtomicBool, drain_budget: Duration) {
+    let pipeline = &consumer.context().pipeline;
+    let status = pipeline.status().clone();
+    let mut backoff = Backoff::default();
+    // Some while paused: when to try the failed batch again.
+    let mut retry_at: Option<Instant> = None;
+    while !shutdown.load(Ordering::Relaxed) {
+        status.beat();
+        let now = Instant::now();
+        let timeout = match retry_at {
+            Some(at) => at.saturating_duration_since(now).min(IDLE_POLL),
+            None => pipeline.poll_timeout(now, IDLE_POLL),
+        };
+        match consumer.poll(timeout) {
+            Some(Ok(message)) => pipeline.push(&message),
+            Some(Err(e)) => {
+                pipeline.metrics().record_error("kafka_error");
+                warn!(error = %e, "consume error");
+            }
+            None => {}
+        }
+        let now = Instant::now();
+        let due = match retry_at {
+            Some(at) => now >= at,
+            None => pipeline.is_due(now),
+        };
+        if !due {
+            continue;
+        }
+        match pipeline.flush(consumer, CommitMode::Async) {
+            Ok(_) => {
+                status.set_write_error(None);
+                if retry_at.take().is_some() {
+                    set_paused(consumer, false);
+                    info!("writes succeed again; fetching resumed");
+                }
+                backoff.reset();
+            }
+            Err(e) => {
+                status.set_write_error(Some(e.to_string()));
+                if retry_at.is_none() {
+                    set_paused(consumer, true);
+                    warn!(
+                        pending = pipeline.pending(),
+                        "writes failing; fetching paused until they succeed"
+                    );
+                }
+                let delay = backoff.next_delay();
+                warn!(error = %e, retry_in_ms = delay.as_millis() as u64, "batch not stored; will retry");
+                retry_at = Some(now + delay);
+            }
+        }
+    }
+
+    info!(
+        pending = pipeline.pending(),
+        "shutting down: flushing the batch in hand"
+    );
+    set_paused(consumer, true);
+    let deadline = Instant::now() + drain_budget;
+    loop {
+        status.beat();
+        match pipeline.flush(consumer, CommitMode::Sync) {
+            Ok(_) => break,
+            Err(e) if Instant::now() < deadline => {
+                warn!(error = %e, "final flush failed; retrying");
+                // Keep serving callbacks while waiting (paused: no new records arrive).
+                let _ = consumer.poll(backoff.next_delay());
+            }
+            Err(e) => {
+                error!(
+                    error = %e,
+                    pending = pipeline.pending(),
+                    "giving up on the final flush; uncommitted records will be redelivered"
+                );
+                break;
+            }
+        }
+    }
+    pipeline.dead_letters().flush(Duration::from_secs(5));
+}
+
+/// Recomputes lag for the assigned partitions every `interval` until `stop` is set.
+pub fn spawn_lag_monitor(
+    consumer: Arc<PipelineConsumer>,
+    interval: Duration,
+    stop: Arc<AtomicBool>,
+) -> std::io::Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("lag-monitor".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let lag = measure_lag(&consumer);
+                consumer.context().status().set_lag(lag);
+                let until = Instant::now() + interval;
+                while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        })
+}
+
+fn measure_lag(consumer: &PipelineConsumer) -> LagMap {
+    let mut out = LagMap::new();
+    let Ok(assignment) = consumer.assignment() else {
+        return out;
+    };
+    if assignment.count() == 0 {
+        return out;
+    }
+    let committed = match consumer.committed_offsets(assignment.clone(), Duration::from_secs(3)) {
+        Ok(c) => c,
+        Err(e) => {
+            warn!(error = %e, "cannot fetch committed offsets for lag");
+            return out;
+        }
+    };
+    let fetched = consumer
+        .context()
+        .fetched_high_watermarks
+        .lock()
+        .map(|m| m.clone())
+        .unwrap_or_default();
+    for elem in assignment.elements() {
+        let (topic, partition) = (elem.topic(), elem.partition());
+        let (low, listed) =
+            match consumer.fetch_watermarks(topic, partition, Duration::from_secs(3)) {
+                Ok((low, high)) => (low, Some(high)),
+                Err(_) => (-1, None),
+            };
+        let high = lag::freshest_high_watermark(
+            listed,
+            fetched.get(&(topic.to_string(), partition)).copied(),
+        );
+        let committed_offset =
+            committed
+                .find_partition(topic, partition)
+                .and_then(|e| match e.offset() {
+                    Offset::Offset(o) => Some(o),
+                    _ => None,
+                });
+        if let Some(l) = high.and_then(|h| lag::partition_lag(low, h, committed_offset)) {
+            out.insert((topic.to_string(), partition), l);
+        }
+    }
+    out
+}

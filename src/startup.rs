@@ -1,0 +1,193 @@
+//! Wires the service together: storage, dead letters, pipeline, consumer thread, lag monitor,
+//! database health checks and the HTTP endpoints; then waits for SIGTERM/SIGINT and drains.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::{oneshot, watch};
+use tracing::{error, info};
+
+use crate::batch::BatchPolicy;
+use crate::config::Settings;
+use crate::consumer::{self, client_config};
+use crate::dead_letter::DeadLetterSink;
+use crate::health::Status;
+use crate::http::{self, AppState};
+use crate::pipeline::Pipeline;
+use crate::storage::EventStore;
+use crate::telemetry::Metrics;
+
+/// How often PostgreSQL is pinged for readiness, and how long a ping may take.
+const DB_PING_INTERVAL: Duration = Duration::from_secs(1);
+const DB_PING_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Applies the migrations and returns.
+pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
+    let store = EventStore::connect_lazy(
+        settings.database_url()?,
+        1,
+        Duration::from_secs(settings.database_write_timeout_secs),
+    )?;
+    info!(database = %settings.database_url_redacted(), "applying migrations");
+    store.migrate().await?;
+    info!("migrations applied");
+    Ok(())
+}
+
+/// Runs the service until SIGTERM or SIGINT, then drains and returns.
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let status = Arc::new(Status::default());
+    let metrics = Metrics::new(status.clone()).context("cannot set up metrics")?;
+    let store = EventStore::connect_lazy(
+        settings.database_url()?,
+        settings.database_pool_size,
+        Duration::from_secs(settings.database_write_timeout_secs),
+    )?;
+    let dead_letters = DeadLetterSink::new(
+        client_config(&settings),
+        &settings.kafka_dlq_topic,
+        &settings.kafka_group_id,
+    )
+    .context("cannot create the dead-letter producer")?;
+    let policy = BatchPolicy {
+        max_events: settings.batch_max_events,
+        max_bytes: settings.batch_max_bytes,
+        linger: settings.batch_linger(),
+    };
+    let pipeline = Arc::new(Pipeline::new(
+        store.clone(),
+        dead_letters,
+        metrics.clone(),
+        status.clone(),
+        policy,
+        settings.max_event_bytes,
+        tokio::runtime::Handle::current(),
+    ));
+    let consumer =
+        consumer::create_consumer(&settings, pipeline).context("cannot create the consumer")?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let listener = TcpListener::bind(("0.0.0.0", settings.metrics_port))
+        .await
+        .with_context(|| format!("cannot listen on METRICS_PORT {}", settings.metrics_port))?;
+    let app = http::router(AppState {
+        status: status.clone(),
+        metrics: metrics.clone(),
+        liveness_stall: Duration::from_secs(settings.liveness_stall_secs),
+    });
+    let mut server_stop = stop_rx.clone();
+    let server = tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = server_stop.wait_for(|stop| *stop).await;
+        };
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await
+    });
+    tokio::spawn(watch_database(store, status.clone(), stop_rx));
+
+    let shutdown = Arc::new(AtomicBool::new(false));
+    let (done_tx, done_rx) = oneshot::channel::<()>();
+    let consumer_thread = {
+        let shutdown = shutdown.clone();
+        let status = status.clone();
+        let drain = Duration::from_secs(settings.shutdown_timeout_secs);
+        let lag_interval = Duration::from_secs(settings.lag_refresh_secs);
+        std::thread::Builder::new()
+            .name("consumer".into())
+            .spawn(move || {
+                let _done = done_tx;
+                let _stopped = StoppedOnExit(status);
+                let stop_lag = Arc::new(AtomicBool::new(false));
+                let lag =
+                    consumer::spawn_lag_monitor(consumer.clone(), lag_interval, stop_lag.clone());
+                consumer::consume(&consumer, &shutdown, drain);
+                stop_lag.store(true, Ordering::Relaxed);
+                if let Ok(handle) = lag {
+                    let _ = handle.join();
+                }
+                // The last reference: dropping it closes the consumer and leaves the group.
+                drop(consumer);
+                info!("left the consumer group");
+            })?
+    };
+    info!(
+        brokers = %settings.kafka_brokers,
+        topics = %settings.kafka_topics,
+        group = %settings.kafka_group_id,
+        database = %settings.database_url_redacted(),
+        metrics_port = settings.metrics_port,
+        "nexus-analytics started"
+    );
+
+    let unexpected = tokio::select! {
+        _ = shutdown_signal() => false,
+        _ = done_rx => true,
+    };
+    if unexpected {
+        error!("the consume loop stopped on its own");
+    } else {
+        info!("shutdown requested: finishing the batch in hand");
+    }
+    shutdown.store(true, Ordering::Relaxed);
+    let joined = tokio::task::spawn_blocking(move || consumer_thread.join()).await;
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    metrics.shutdown();
+    match joined {
+        Ok(Ok(())) if !unexpected => {
+            info!("shutdown complete");
+            Ok(())
+        }
+        _ => anyhow::bail!("the consume loop failed"),
+    }
+}
+
+/// Marks the consumer as gone when its thread ends, however it ends (panics included).
+struct StoppedOnExit(Arc<Status>);
+
+impl Drop for StoppedOnExit {
+    fn drop(&mut self) {
+        self.0.set_consumer_stopped();
+    }
+}
+
+async fn watch_database(store: EventStore, status: Arc<Status>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(DB_PING_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        match store.ping(DB_PING_TIMEOUT).await {
+            Ok(()) => status.set_database(true, "ping ok"),
+            Err(e) => status.set_database(false, e.to_string()),
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}

@@ -1,0 +1,367 @@
+//! Telemetry in one place: log/tracing set-up and the Prometheus metrics, recorded through the
+//! OpenTelemetry SDK and exposed by its Prometheus exporter.
+//!
+//! Exporter choices (documented in the README): no `otel_scope_*` labels (one scope, they
+//! would only add noise to every series), no `target_info` (we export `analytics_build_info`),
+//! counter names carry `_total` themselves and histogram names their unit, so the exporter adds
+//! no suffixes and the names are exactly the original service's.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider as _};
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+use crate::config::{LogFormat, Settings};
+use crate::event::{KNOWN_EVENT_TYPES, KNOWN_SERVICES, RejectReason};
+use crate::health::Status;
+
+/// Distinct producer-supplied label values tracked beyond the known ones; the rest fold into
+/// `other`, so a flood of random event types cannot grow memory or the scrape.
+pub const MAX_EXTRA_LABEL_VALUES: usize = 50;
+
+/// Why processing failed, beyond record rejections: the `reason` label values.
+pub const OPERATIONAL_ERROR_REASONS: &[&str] = &[
+    "db_unavailable",
+    "dead_letter_failed",
+    "kafka_error",
+    "commit_failed",
+];
+
+/// Buckets for per-batch durations: sub-millisecond to tens of seconds.
+const SECONDS_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+const BATCH_SIZE_BUCKETS: [f64; 12] = [
+    1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
+];
+
+/// Installs the global `tracing` subscriber (text or JSON lines, filtered by `LOG_LEVEL`,
+/// overridden by `RUST_LOG`). Metrics are never derived from log fields.
+pub fn init_tracing(settings: &Settings) {
+    let filter = std::env::var("RUST_LOG")
+        .ok()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new(&settings.log_level));
+    let fmt = match settings.log_format {
+        LogFormat::Text => tracing_subscriber::fmt::layer().with_target(false).boxed(),
+        LogFormat::Json => tracing_subscriber::fmt::layer()
+            .json()
+            .flatten_event(true)
+            .boxed(),
+    };
+    let registry = tracing_subscriber::registry().with(filter).with(fmt);
+    // A second init (tests) keeps the first subscriber.
+    let _ = registry.try_init();
+}
+
+/// Caps the distinct values of a producer-controlled label.
+#[derive(Debug)]
+pub struct LabelCap {
+    known: HashSet<&'static str>,
+    extra: Mutex<HashSet<String>>,
+    max_extra: usize,
+}
+
+impl LabelCap {
+    /// Known values are always kept; up to `max_extra` others are admitted first-come.
+    pub fn new(known: &[&'static str], max_extra: usize) -> Self {
+        Self {
+            known: known.iter().copied().collect(),
+            extra: Mutex::new(HashSet::new()),
+            max_extra,
+        }
+    }
+
+    /// The label value to record for `value`.
+    pub fn label(&self, value: &str) -> String {
+        if self.known.contains(value) {
+            return value.to_string();
+        }
+        let mut extra = self.extra.lock().unwrap_or_else(|e| e.into_inner());
+        if extra.contains(value) {
+            return value.to_string();
+        }
+        if extra.len() < self.max_extra {
+            extra.insert(value.to_string());
+            return value.to_string();
+        }
+        "other".to_string()
+    }
+}
+
+/// Every instrument the service records, plus the registry `/metrics` renders.
+pub struct Metrics {
+    registry: prometheus::Registry,
+    provider: SdkMeterProvider,
+    processed: Counter<u64>,
+    processing_duration: Histogram<f64>,
+    errors: Counter<u64>,
+    stored: Counter<u64>,
+    duplicates: Counter<u64>,
+    dead_letters: Counter<u64>,
+    batch_size: Histogram<f64>,
+    db_write_duration: Histogram<f64>,
+    rebalances: Counter<u64>,
+    event_types: LabelCap,
+    services: LabelCap,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// Builds the instruments; gauges read `status` at scrape time.
+    pub fn new(status: Arc<Status>) -> Result<Arc<Self>, opentelemetry_sdk::error::OTelSdkError> {
+        let registry = prometheus::Registry::new();
+        let exporter = opentelemetry_prometheus::exporter()
+            .with_registry(registry.clone())
+            .scope_info_enabled(false)
+            .without_target_info()
+            .without_counter_suffixes()
+            .without_units()
+            .build()?;
+        let provider = SdkMeterProvider::builder().with_reader(exporter).build();
+        let meter = provider.meter("nexus-analytics");
+        let metrics = Self {
+            processed: meter
+                .u64_counter("analytics_events_processed_total")
+                .with_description("Events stored or found already stored, by type and service")
+                .build(),
+            processing_duration: meter
+                .f64_histogram("analytics_events_processing_duration_seconds")
+                .with_description("Seconds from a batch's first record being polled to its offsets being committed")
+                .with_boundaries(SECONDS_BUCKETS.to_vec())
+                .build(),
+            errors: meter
+                .u64_counter("analytics_events_processing_errors_total")
+                .with_description("Processing errors by reason (rejected records and operational failures)")
+                .build(),
+            stored: meter
+                .u64_counter("analytics_events_stored_total")
+                .with_description("Rows this process inserted into analytics.events (redeliveries excluded)")
+                .build(),
+            duplicates: meter
+                .u64_counter("analytics_events_duplicates_total")
+                .with_description("Redelivered records skipped because their row already existed")
+                .build(),
+            dead_letters: meter
+                .u64_counter("analytics_dead_letters_total")
+                .with_description("Records written to the dead-letter topic, by reason")
+                .build(),
+            batch_size: meter
+                .f64_histogram("analytics_batch_size")
+                .with_description("Events per written batch")
+                .with_boundaries(BATCH_SIZE_BUCKETS.to_vec())
+                .build(),
+            db_write_duration: meter
+                .f64_histogram("analytics_db_write_duration_seconds")
+                .with_description("Seconds per batch insert into PostgreSQL")
+                .with_boundaries(SECONDS_BUCKETS.to_vec())
+                .build(),
+            rebalances: meter
+                .u64_counter("analytics_rebalances_total")
+                .with_description("Consumer group rebalances seen by this instance, by kind")
+                .build(),
+            event_types: LabelCap::new(KNOWN_EVENT_TYPES, MAX_EXTRA_LABEL_VALUES),
+            services: LabelCap::new(KNOWN_SERVICES, MAX_EXTRA_LABEL_VALUES),
+            registry,
+            provider: provider.clone(),
+        };
+        register_gauges(&meter, status);
+        // Pre-register error series at zero so rate() works before the first error.
+        for reason in RejectReason::ALL {
+            metrics
+                .errors
+                .add(0, &[KeyValue::new("reason", reason.as_str())]);
+            metrics
+                .dead_letters
+                .add(0, &[KeyValue::new("reason", reason.as_str())]);
+        }
+        for reason in OPERATIONAL_ERROR_REASONS {
+            metrics.errors.add(0, &[KeyValue::new("reason", *reason)]);
+        }
+        metrics.stored.add(0, &[]);
+        metrics.duplicates.add(0, &[]);
+        Ok(Arc::new(metrics))
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        use prometheus::Encoder;
+        let mut buf = Vec::new();
+        let encoder = prometheus::TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
+            tracing::warn!(error = %e, "metrics encoding failed");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+
+    /// Counts events written (inserted or already present), aggregated per batch by the caller.
+    pub fn record_processed(&self, counts: &HashMap<(String, String), u64>) {
+        for ((event_type, service), n) in counts {
+            self.processed.add(
+                *n,
+                &[
+                    KeyValue::new("event_type", self.event_types.label(event_type)),
+                    KeyValue::new("service", self.services.label(service)),
+                ],
+            );
+        }
+    }
+
+    /// Records a committed batch.
+    pub fn record_batch(&self, events: usize, inserted: u64, duplicates: u64, seconds: f64) {
+        self.batch_size.record(events as f64, &[]);
+        self.stored.add(inserted, &[]);
+        self.duplicates.add(duplicates, &[]);
+        self.processing_duration.record(seconds, &[]);
+    }
+
+    /// Records one insert statement's duration.
+    pub fn record_db_write(&self, seconds: f64) {
+        self.db_write_duration.record(seconds, &[]);
+    }
+
+    /// Counts a dead-lettered record (also an error of the same reason).
+    pub fn record_dead_letter(&self, reason: RejectReason) {
+        let attrs = [KeyValue::new("reason", reason.as_str())];
+        self.dead_letters.add(1, &attrs);
+        self.errors.add(1, &attrs);
+    }
+
+    /// Counts an operational error (one of [`OPERATIONAL_ERROR_REASONS`]).
+    pub fn record_error(&self, reason: &'static str) {
+        self.errors.add(1, &[KeyValue::new("reason", reason)]);
+    }
+
+    /// Counts a rebalance (`assign`, `revoke` or `error`).
+    pub fn record_rebalance(&self, kind: &'static str) {
+        self.rebalances.add(1, &[KeyValue::new("kind", kind)]);
+    }
+
+    /// Flushes and stops the SDK.
+    pub fn shutdown(&self) {
+        let _ = self.provider.shutdown();
+    }
+}
+
+fn register_gauges(meter: &Meter, status: Arc<Status>) {
+    let s = status.clone();
+    meter
+        .i64_observable_gauge("analytics_consumer_lag")
+        .with_description(
+            "Messages behind per assigned partition: high watermark minus committed offset",
+        )
+        .with_callback(move |obs| {
+            for ((topic, partition), lag) in s.lag() {
+                obs.observe(
+                    lag,
+                    &[
+                        KeyValue::new("topic", topic),
+                        KeyValue::new("partition", partition.to_string()),
+                    ],
+                );
+            }
+        })
+        .build();
+    let s = status.clone();
+    meter
+        .i64_observable_gauge("analytics_consumer_lag_sum")
+        .with_description("Sum of analytics_consumer_lag over this instance's partitions")
+        .with_callback(move |obs| obs.observe(s.lag().values().sum(), &[]))
+        .build();
+    let s = status.clone();
+    meter
+        .i64_observable_gauge("analytics_assigned_partitions")
+        .with_description("Partitions assigned to this instance")
+        .with_callback(move |obs| obs.observe(s.assigned_partitions(), &[]))
+        .build();
+    let s = status.clone();
+    meter
+        .i64_observable_gauge("analytics_consumer_paused")
+        .with_description("1 while fetching is paused because writes fail")
+        .with_callback(move |obs| obs.observe(s.paused() as i64, &[]))
+        .build();
+    let s = status.clone();
+    meter
+        .i64_observable_gauge("analytics_kafka_up")
+        .with_description("1 when a broker is reachable and the group is joined")
+        .with_callback(move |obs| obs.observe(s.kafka().up as i64, &[]))
+        .build();
+    let s = status;
+    meter
+        .i64_observable_gauge("analytics_database_up")
+        .with_description("1 when PostgreSQL answered the last ping")
+        .with_callback(move |obs| obs.observe(s.database().up as i64, &[]))
+        .build();
+    meter
+        .i64_observable_gauge("analytics_build_info")
+        .with_description("Always 1; labels carry the version")
+        .with_callback(|obs| obs.observe(1, &[KeyValue::new("version", env!("CARGO_PKG_VERSION"))]))
+        .build();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_cap_folds_overflow_into_other() {
+        let cap = LabelCap::new(&["user.login"], 2);
+        assert_eq!(cap.label("user.login"), "user.login");
+        assert_eq!(cap.label("a"), "a");
+        assert_eq!(cap.label("b"), "b");
+        assert_eq!(cap.label("c"), "other");
+        assert_eq!(cap.label("a"), "a");
+        assert_eq!(cap.label("user.login"), "user.login");
+    }
+
+    #[test]
+    fn exposition_has_the_original_names_and_no_otel_noise() {
+        let status = Arc::new(Status::default());
+        status.set_lag([(("user-events".to_string(), 3), 42)].into_iter().collect());
+        let m = Metrics::new(status).unwrap();
+        let mut counts = HashMap::new();
+        counts.insert(("user.login".to_string(), "auth-service".to_string()), 3);
+        m.record_processed(&counts);
+        m.record_batch(3, 2, 1, 0.004);
+        let text = m.render();
+        for name in [
+            "analytics_events_processed_total{event_type=\"user.login\",service=\"auth-service\"} 3",
+            "analytics_events_stored_total 2",
+            "analytics_events_processing_duration_seconds_bucket{le=\"0.005\"} 1",
+            "analytics_events_processing_errors_total{reason=\"invalid_json\"} 0",
+            "analytics_consumer_lag{partition=\"3\",topic=\"user-events\"} 42",
+            "analytics_consumer_lag_sum 42",
+        ] {
+            assert!(text.contains(name), "missing {name} in\n{text}");
+        }
+        assert!(!text.contains("otel_scope"), "{text}");
+        assert!(!text.contains("target_info"), "{text}");
+    }
+
+    #[test]
+    fn a_flood_of_event_types_keeps_the_scrape_bounded() {
+        let m = Metrics::new(Arc::new(Status::default())).unwrap();
+        let mut counts = HashMap::new();
+        for i in 0..1000 {
+            counts.insert((format!("random.{i}"), "svc".to_string()), 1);
+        }
+        m.record_processed(&counts);
+        let series = m
+            .render()
+            .lines()
+            .filter(|l| l.starts_with("analytics_events_processed_total{"))
+            .count();
+        assert!(series <= MAX_EXTRA_LABEL_VALUES + 1, "{series} series");
+    }
+}
