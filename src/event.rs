@@ -454,7 +454,7 @@ mod tests {
 
     #[test]
     fn oversize_records_are_rejected_before_parsing() {
-        let r = decode(&vec![b' '; 11], None, 10).unwrap_err();
+        let r = decode(&[b' '; 11], None, 10).unwrap_err();
         assert_eq!(r.reason, RejectReason::TooLarge);
     }
 

@@ -153,13 +153,13 @@ impl Status {
     pub fn readiness(&self) -> Readiness {
         let kafka = self.kafka();
         let mut database = self.database();
-        if database.up {
-            if let Some(error) = lock(&self.write_error).clone() {
-                database = Component {
-                    up: false,
-                    detail: format!("writes failing: {error}"),
-                };
-            }
+        if database.up
+            && let Some(error) = lock(&self.write_error).clone()
+        {
+            database = Component {
+                up: false,
+                detail: format!("writes failing: {error}"),
+            };
         }
         Readiness {
             ready: kafka.up && database.up && !self.consumer_stopped(),

@@ -127,7 +127,9 @@ impl EventStore {
     /// about which rows landed, and the caller retries the whole batch (duplicates are skipped).
     pub async fn write(&self, rows: &[StoredEvent]) -> Result<WriteOutcome, StorageError> {
         let mut outcome = WriteOutcome::default();
-        let mut pending = vec![0..rows.len()];
+        // Ranges still to insert; a rejected range is split in halves until rows are isolated.
+        let mut pending = Vec::new();
+        pending.push(0..rows.len());
         while let Some(range) = pending.pop() {
             if range.is_empty() {
                 continue;
