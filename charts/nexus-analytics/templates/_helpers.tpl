@@ -1,0 +1,117 @@
+{{/* Chart name. */}}
+{{- define "nexus-analytics.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name: release-chart unless the release name already contains the chart name. */}}
+{{- define "nexus-analytics.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "nexus-analytics.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels on every object. */}}
+{{- define "nexus-analytics.labels" -}}
+helm.sh/chart: {{ include "nexus-analytics.chart" . }}
+{{ include "nexus-analytics.baseSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: nexus
+{{- end }}
+
+{{- define "nexus-analytics.baseSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "nexus-analytics.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{/* Selector labels of the consumer pods (the migration Job and test pods carry another component). */}}
+{{- define "nexus-analytics.selectorLabels" -}}
+{{ include "nexus-analytics.baseSelectorLabels" . }}
+app.kubernetes.io/component: consumer
+{{- end }}
+
+{{- define "nexus-analytics.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "nexus-analytics.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Secret holding DATABASE_URL and the SASL credentials. */}}
+{{- define "nexus-analytics.secretName" -}}
+{{- default (include "nexus-analytics.fullname" .) .Values.existingSecret }}
+{{- end }}
+
+{{- define "nexus-analytics.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{- define "nexus-analytics.kafkaTls" -}}
+{{- if or (eq .Values.kafka.securityProtocol "SSL") (eq .Values.kafka.securityProtocol "SASL_SSL") }}true{{ end }}
+{{- end }}
+
+{{/* Label matchers for this release's series in PrometheusRule expressions. */}}
+{{- define "nexus-analytics.promSelector" -}}
+{{- if .Values.prometheusRule.selector }}
+{{- .Values.prometheusRule.selector }}
+{{- else }}
+{{- printf "namespace=%q,job=%q" .Release.Namespace (include "nexus-analytics.fullname" .) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Cross-field checks that values.schema.json cannot express. Rendering fails with
+one clear message per problem.
+*/}}
+{{- define "nexus-analytics.validate" -}}
+{{- $v := .Values }}
+{{- $parts := int $v.kafka.topicPartitions }}
+{{- if and $v.autoscaling.enabled (gt (int $v.autoscaling.maxReplicas) $parts) }}
+{{- fail (printf "autoscaling.maxReplicas (%d) exceeds kafka.topicPartitions (%d): a consumer group cannot use more consumers than partitions, the extra pods would sit idle. Lower autoscaling.maxReplicas or set kafka.topicPartitions to the real partition count." (int $v.autoscaling.maxReplicas) $parts) }}
+{{- end }}
+{{- if and $v.autoscaling.enabled (gt (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas)) }}
+{{- fail (printf "autoscaling.minReplicas (%d) exceeds autoscaling.maxReplicas (%d)." (int $v.autoscaling.minReplicas) (int $v.autoscaling.maxReplicas)) }}
+{{- end }}
+{{- if and $v.autoscaling.enabled (eq $v.autoscaling.kind "hpa") (lt (int $v.autoscaling.minReplicas) 1) }}
+{{- fail "autoscaling.minReplicas 0 needs autoscaling.kind=keda (an HPA cannot scale to zero)." }}
+{{- end }}
+{{- if and (not $v.autoscaling.enabled) (gt (int $v.replicaCount) $parts) }}
+{{- fail (printf "replicaCount (%d) exceeds kafka.topicPartitions (%d): the extra consumers would sit idle." (int $v.replicaCount) $parts) }}
+{{- end }}
+{{- if le (int $v.terminationGracePeriodSeconds) (int $v.config.shutdownTimeoutSecs) }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed config.shutdownTimeoutSecs (%d), or the kubelet kills the pod in the middle of its drain." (int $v.terminationGracePeriodSeconds) (int $v.config.shutdownTimeoutSecs)) }}
+{{- end }}
+{{- if le (int $v.config.livenessStallSecs) (int $v.database.writeTimeoutSecs) }}
+{{- fail (printf "config.livenessStallSecs (%d) must exceed database.writeTimeoutSecs (%d), or one slow write would fail /livez and restart the pod." (int $v.config.livenessStallSecs) (int $v.database.writeTimeoutSecs)) }}
+{{- end }}
+{{- if and (not $v.existingSecret) (not $v.database.url) }}
+{{- fail "database.url is required (or set existingSecret to a Secret holding DATABASE_URL)." }}
+{{- end }}
+{{- if and $v.kafka.sasl.enabled (not $v.existingSecret) (or (not $v.kafka.sasl.username) (not $v.kafka.sasl.password)) }}
+{{- fail "kafka.sasl.enabled needs kafka.sasl.username and kafka.sasl.password (or existingSecret)." }}
+{{- end }}
+{{- if and $v.kafka.sasl.enabled (not (hasPrefix "SASL_" $v.kafka.securityProtocol)) }}
+{{- fail "kafka.sasl.enabled needs kafka.securityProtocol SASL_SSL or SASL_PLAINTEXT." }}
+{{- end }}
+{{- range $k, $_ := $v.kafka.properties }}
+{{- if regexMatch "(password|secret|sasl\\.username|sasl\\.oauthbearer\\.config)" $k }}
+{{- fail (printf "kafka.properties.%s looks like a credential: it would land in a ConfigMap. Use kafka.sasl.* (stored in the Secret) or existingSecret." $k) }}
+{{- end }}
+{{- end }}
+{{- end }}
