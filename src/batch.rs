@@ -43,9 +43,7 @@ impl BatchPolicy {
     ) -> Duration {
         match first_at {
             None => idle,
-            Some(first) => (first + self.linger)
-                .saturating_duration_since(now)
-                .min(idle),
+            Some(first) => (first + self.linger).saturating_duration_since(now).min(idle),
         }
     }
 }
@@ -108,11 +106,7 @@ pub struct Backoff {
 impl Backoff {
     /// Starts at `initial`, doubling up to `max`.
     pub fn new(initial: Duration, max: Duration) -> Self {
-        Self {
-            initial,
-            max,
-            current: initial,
-        }
+        Self { initial, max, current: initial }
     }
 
     /// The delay before the next attempt.
@@ -138,11 +132,8 @@ impl Default for Backoff {
 mod tests {
     use super::*;
 
-    const POLICY: BatchPolicy = BatchPolicy {
-        max_events: 3,
-        max_bytes: 100,
-        linger: Duration::from_millis(50),
-    };
+    const POLICY: BatchPolicy =
+        BatchPolicy { max_events: 3, max_bytes: 100, linger: Duration::from_millis(50) };
 
     #[test]
     fn due_by_count_bytes_or_linger() {

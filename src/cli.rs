@@ -75,7 +75,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
     if matches!(command, Command::Run | Command::Migrate) {
         settings.database_url().map_err(ConfigFailure)?;
     }
-    telemetry::init_tracing(&settings);
+    let _tracing = telemetry::init_tracing(&settings);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("nexus-analytics-rt")
@@ -84,29 +84,11 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
     match command {
         Command::Run => runtime.block_on(startup::run(settings)),
         Command::Migrate => runtime.block_on(startup::migrate(&settings)),
-        Command::Produce {
-            count,
-            rate,
-            topic,
-            invalid_percent,
-            users,
-            seed,
-        } => {
+        Command::Produce { count, rate, topic, invalid_percent, users, seed } => {
             let topic = topic.unwrap_or_else(|| {
-                settings
-                    .topics()
-                    .first()
-                    .map(|t| t.to_string())
-                    .unwrap_or_default()
+                settings.topics().first().map(|t| t.to_string()).unwrap_or_default()
             });
-            let options = ProduceOptions {
-                count,
-                rate,
-                topic,
-                invalid_percent,
-                users,
-                seed,
-            };
+            let options = ProduceOptions { count, rate, topic, invalid_percent, users, seed };
             let stop = Arc::new(AtomicBool::new(false));
             let signal_stop = stop.clone();
             runtime.spawn(async move {

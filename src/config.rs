@@ -239,19 +239,13 @@ impl Settings {
 
     fn validate(&self) -> Result<(), ConfigError> {
         fn invalid(setting: &str, reason: impl Into<String>) -> ConfigError {
-            ConfigError::Invalid {
-                setting: setting.into(),
-                reason: reason.into(),
-            }
+            ConfigError::Invalid { setting: setting.into(), reason: reason.into() }
         }
         if let Some(url) = &self.database_url {
             let parsed = url::Url::parse(url.expose())
                 .map_err(|e| invalid("DATABASE_URL", format!("not a URL ({e})")))?;
             if !matches!(parsed.scheme(), "postgres" | "postgresql") {
-                return Err(invalid(
-                    "DATABASE_URL",
-                    "scheme must be postgres:// or postgresql://",
-                ));
+                return Err(invalid("DATABASE_URL", "scheme must be postgres:// or postgresql://"));
             }
         }
         if self.kafka_brokers.trim().is_empty() {
@@ -267,23 +261,14 @@ impl Settings {
             return Err(invalid("KAFKA_DLQ_TOPIC", "must not be empty"));
         }
         if self.topics().iter().any(|t| *t == self.kafka_dlq_topic) {
-            return Err(invalid(
-                "KAFKA_DLQ_TOPIC",
-                "must not be one of KAFKA_TOPICS",
-            ));
+            return Err(invalid("KAFKA_DLQ_TOPIC", "must not be one of KAFKA_TOPICS"));
         }
         if !(1000..=3_600_000).contains(&self.kafka_session_timeout_ms) {
-            return Err(invalid(
-                "KAFKA_SESSION_TIMEOUT_MS",
-                "must be between 1000 and 3600000",
-            ));
+            return Err(invalid("KAFKA_SESSION_TIMEOUT_MS", "must be between 1000 and 3600000"));
         }
         let positive = [
             ("DATABASE_POOL_SIZE", self.database_pool_size as u64),
-            (
-                "DATABASE_WRITE_TIMEOUT_SECS",
-                self.database_write_timeout_secs,
-            ),
+            ("DATABASE_WRITE_TIMEOUT_SECS", self.database_write_timeout_secs),
             ("BATCH_MAX_EVENTS", self.batch_max_events as u64),
             ("BATCH_MAX_BYTES", self.batch_max_bytes as u64),
             ("MAX_EVENT_BYTES", self.max_event_bytes as u64),
@@ -303,15 +288,9 @@ impl Settings {
             ));
         }
         for key in self.kafka_properties.keys() {
-            if !key
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.')
-            {
+            if !key.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.') {
                 return Err(invalid(
-                    &format!(
-                        "{KAFKA_PROPERTY_PREFIX}{}",
-                        key.replace('.', "_").to_uppercase()
-                    ),
+                    &format!("{KAFKA_PROPERTY_PREFIX}{}", key.replace('.', "_").to_uppercase()),
                     "not a librdkafka property name",
                 ));
             }
@@ -323,28 +302,18 @@ impl Settings {
 
     /// The topics to subscribe to.
     pub fn topics(&self) -> Vec<&str> {
-        self.kafka_topics
-            .split(',')
-            .map(str::trim)
-            .filter(|t| !t.is_empty())
-            .collect()
+        self.kafka_topics.split(',').map(str::trim).filter(|t| !t.is_empty()).collect()
     }
 
     /// The database URL; commands that use the database call this first, so a missing
     /// `DATABASE_URL` stops them (and only them) with a message naming it.
     pub fn database_url(&self) -> Result<&str, ConfigError> {
-        self.database_url
-            .as_ref()
-            .map(Secret::expose)
-            .ok_or(ConfigError::Missing("DATABASE_URL"))
+        self.database_url.as_ref().map(Secret::expose).ok_or(ConfigError::Missing("DATABASE_URL"))
     }
 
     /// The database URL with its password replaced, for log lines.
     pub fn database_url_redacted(&self) -> String {
-        self.database_url
-            .as_ref()
-            .map(|u| redact_url(u.expose()))
-            .unwrap_or_default()
+        self.database_url.as_ref().map(|u| redact_url(u.expose())).unwrap_or_default()
     }
 
     /// Linger limit as a duration.
@@ -393,10 +362,7 @@ mod tests {
             let settings =
                 Settings::from_figment(Settings::figment()).expect("valid without a database");
             let err = settings.database_url().unwrap_err();
-            assert_eq!(
-                err.to_string(),
-                "missing setting DATABASE_URL: it is required"
-            );
+            assert_eq!(err.to_string(), "missing setting DATABASE_URL: it is required");
             Ok(())
         });
     }
@@ -407,9 +373,7 @@ mod tests {
             jail.clear_env();
             jail.set_env("DATABASE_URL", "postgres://u:p@localhost/db");
             jail.set_env("METRICS_PORT", "ninety");
-            let err = Settings::from_figment(Settings::figment())
-                .unwrap_err()
-                .to_string();
+            let err = Settings::from_figment(Settings::figment()).unwrap_err().to_string();
             assert!(err.starts_with("invalid setting METRICS_PORT"), "{err}");
             Ok(())
         });
@@ -419,10 +383,7 @@ mod tests {
     fn env_overrides_file_and_properties_pass_through() {
         Jail::expect_with(|jail| {
             jail.clear_env();
-            jail.create_file(
-                "app.toml",
-                "metrics_port = 9100\nkafka_group_id = \"from-file\"\n",
-            )?;
+            jail.create_file("app.toml", "metrics_port = 9100\nkafka_group_id = \"from-file\"\n")?;
             jail.set_env("CONFIG_FILE", "app.toml");
             jail.set_env("DATABASE_URL", "postgres://u:p@localhost/db");
             jail.set_env("KAFKA_GROUP_ID", "from-env");
@@ -443,9 +404,7 @@ mod tests {
         Jail::expect_with(|jail| {
             jail.clear_env();
             jail.set_env("DATABASE_URL", "mysql://user:hunter2@localhost/db");
-            let err = Settings::from_figment(Settings::figment())
-                .unwrap_err()
-                .to_string();
+            let err = Settings::from_figment(Settings::figment()).unwrap_err().to_string();
             assert!(err.starts_with("invalid setting DATABASE_URL"), "{err}");
             assert!(!err.contains("hunter2"));
             Ok(())

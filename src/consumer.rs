@@ -59,11 +59,8 @@ impl PipelineContext {
 
 impl ClientContext for PipelineContext {
     fn stats(&self, stats: Statistics) {
-        let brokers_up = stats
-            .brokers
-            .values()
-            .filter(|b| b.nodeid >= 0 && b.state == "UP")
-            .count();
+        let brokers_up =
+            stats.brokers.values().filter(|b| b.nodeid >= 0 && b.state == "UP").count();
         let (joined, group_state) = match &stats.cgrp {
             Some(g) => (
                 g.state == "up" && g.join_state == "steady",
@@ -77,10 +74,7 @@ impl ClientContext for PipelineContext {
             self.status().assigned_partitions()
         );
         self.status().set_kafka(up, detail);
-        let mut hw = self
-            .fetched_high_watermarks
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut hw = self.fetched_high_watermarks.lock().unwrap_or_else(|e| e.into_inner());
         for (topic, t) in &stats.topics {
             for p in t.partitions.values() {
                 if p.partition >= 0 && p.hi_offset >= 0 {
@@ -92,8 +86,7 @@ impl ClientContext for PipelineContext {
 
     fn error(&self, error: KafkaError, reason: &str) {
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
-            self.status()
-                .set_kafka(false, format!("all brokers down: {reason}"));
+            self.status().set_kafka(false, format!("all brokers down: {reason}"));
         }
         self.pipeline.metrics().record_error("kafka_error");
         warn!(error = %error, reason, "kafka client error");
@@ -141,11 +134,7 @@ impl ConsumerContext for PipelineContext {
         let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
         self.status().set_assigned_partitions(assigned as i64);
         if let Rebalance::Assign(tpl) = rebalance {
-            info!(
-                assigned_now = tpl.count(),
-                total = assigned,
-                "partitions assigned"
-            );
+            info!(assigned_now = tpl.count(), total = assigned, "partitions assigned");
             if self.status().paused() {
                 // Still waiting for the database: do not fetch for new partitions either.
                 if let Err(e) = consumer.pause(tpl) {
@@ -171,41 +160,25 @@ pub fn create_consumer(
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
-        .set(
-            "session.timeout.ms",
-            settings.kafka_session_timeout_ms.to_string(),
-        )
-        .set(
-            "heartbeat.interval.ms",
-            (settings.kafka_session_timeout_ms / 3).max(100).to_string(),
-        )
+        .set("session.timeout.ms", settings.kafka_session_timeout_ms.to_string())
+        .set("heartbeat.interval.ms", (settings.kafka_session_timeout_ms / 3).max(100).to_string())
         .set("statistics.interval.ms", "1000")
-        .set(
-            "queued.max.messages.kbytes",
-            settings.fetch_buffer_kbytes.to_string(),
-        )
+        .set("queued.max.messages.kbytes", settings.fetch_buffer_kbytes.to_string())
         .set("partition.assignment.strategy", "cooperative-sticky");
     // Pass-through properties win, so operators can override any of the above.
     for (key, value) in &settings.kafka_properties {
         config.set(key, value.expose());
     }
-    let context = PipelineContext {
-        pipeline,
-        fetched_high_watermarks: Mutex::new(HashMap::new()),
-    };
+    let context = PipelineContext { pipeline, fetched_high_watermarks: Mutex::new(HashMap::new()) };
     let consumer: PipelineConsumer = config.create_with_context(context)?;
     consumer.subscribe(&settings.topics())?;
     Ok(Arc::new(consumer))
 }
 
 fn set_paused(consumer: &PipelineConsumer, paused: bool) {
-    let result = consumer.assignment().and_then(|tpl| {
-        if paused {
-            consumer.pause(&tpl)
-        } else {
-            consumer.resume(&tpl)
-        }
-    });
+    let result = consumer
+        .assignment()
+        .and_then(|tpl| if paused { consumer.pause(&tpl) } else { consumer.resume(&tpl) });
     if let Err(e) = result {
         warn!(error = %e, paused, "cannot change fetch state");
     }
@@ -268,10 +241,7 @@ pub fn consume(consumer: &PipelineConsumer, shutdown: &AtomicBool, drain_budget:
         }
     }
 
-    info!(
-        pending = pipeline.pending(),
-        "shutting down: flushing the batch in hand"
-    );
+    info!(pending = pipeline.pending(), "shutting down: flushing the batch in hand");
     set_paused(consumer, true);
     let deadline = Instant::now() + drain_budget;
     loop {
@@ -302,18 +272,16 @@ pub fn spawn_lag_monitor(
     interval: Duration,
     stop: Arc<AtomicBool>,
 ) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new()
-        .name("lag-monitor".into())
-        .spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                let lag = measure_lag(&consumer);
-                consumer.context().status().set_lag(lag);
-                let until = Instant::now() + interval;
-                while Instant::now() < until && !stop.load(Ordering::Relaxed) {
-                    std::thread::sleep(Duration::from_millis(100));
-                }
+    std::thread::Builder::new().name("lag-monitor".into()).spawn(move || {
+        while !stop.load(Ordering::Relaxed) {
+            let lag = measure_lag(&consumer);
+            consumer.context().status().set_lag(lag);
+            let until = Instant::now() + interval;
+            while Instant::now() < until && !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(100));
             }
-        })
+        }
+    })
 }
 
 fn measure_lag(consumer: &PipelineConsumer) -> LagMap {
@@ -331,12 +299,8 @@ fn measure_lag(consumer: &PipelineConsumer) -> LagMap {
             return out;
         }
     };
-    let fetched = consumer
-        .context()
-        .fetched_high_watermarks
-        .lock()
-        .map(|m| m.clone())
-        .unwrap_or_default();
+    let fetched =
+        consumer.context().fetched_high_watermarks.lock().map(|m| m.clone()).unwrap_or_default();
     for elem in assignment.elements() {
         let (topic, partition) = (elem.topic(), elem.partition());
         let (low, listed) =
@@ -349,12 +313,10 @@ fn measure_lag(consumer: &PipelineConsumer) -> LagMap {
             fetched.get(&(topic.to_string(), partition)).copied(),
         );
         let committed_offset =
-            committed
-                .find_partition(topic, partition)
-                .and_then(|e| match e.offset() {
-                    Offset::Offset(o) => Some(o),
-                    _ => None,
-                });
+            committed.find_partition(topic, partition).and_then(|e| match e.offset() {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            });
         if let Some(l) = high.and_then(|h| lag::partition_lag(low, h, committed_offset)) {
             out.insert((topic.to_string(), partition), l);
         }

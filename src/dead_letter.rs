@@ -55,11 +55,7 @@ impl DeadLetterSink {
             .set("linger.ms", "5")
             .set("message.timeout.ms", "30000")
             .create()?;
-        Ok(Self {
-            producer,
-            topic: topic.to_string(),
-            group_id: group_id.to_string(),
-        })
+        Ok(Self { producer, topic: topic.to_string(), group_id: group_id.to_string() })
     }
 
     /// The destination topic.
@@ -118,33 +114,20 @@ impl DeadLetterSink {
     ) -> Result<rdkafka::producer::DeliveryFuture, KafkaError> {
         let record = &letter.record;
         let value = record.payload().unwrap_or_default();
-        let value = if truncate {
-            &value[..value.len().min(TRUNCATED_VALUE_BYTES)]
-        } else {
-            value
-        };
+        let value = if truncate { &value[..value.len().min(TRUNCATED_VALUE_BYTES)] } else { value };
         let mut headers = OwnedHeaders::new();
         if let Some(original) = record.headers() {
             for h in original.iter() {
-                headers = headers.insert(Header {
-                    key: h.key,
-                    value: h.value,
-                });
+                headers = headers.insert(Header { key: h.key, value: h.value });
             }
         }
         let partition = record.partition().to_string();
         let offset = record.offset().to_string();
-        let timestamp = record
-            .timestamp()
-            .to_millis()
-            .map(|t| t.to_string())
-            .unwrap_or_default();
+        let timestamp = record.timestamp().to_millis().map(|t| t.to_string()).unwrap_or_default();
         let original_size = record.payload().map_or(0, <[u8]>::len).to_string();
         let mut add = |key: &str, value: &str| {
-            headers = std::mem::take(&mut headers).insert(Header {
-                key,
-                value: Some(value.as_bytes()),
-            });
+            headers =
+                std::mem::take(&mut headers).insert(Header { key, value: Some(value.as_bytes()) });
         };
         add("dlq.reason", letter.rejection.reason.as_str());
         add("dlq.error", &letter.rejection.detail);
@@ -156,9 +139,8 @@ impl DeadLetterSink {
         if truncate {
             add("dlq.value.truncated.from", &original_size);
         }
-        let mut out: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic)
-            .payload(value)
-            .headers(headers);
+        let mut out: FutureRecord<'_, [u8], [u8]> =
+            FutureRecord::to(&self.topic).payload(value).headers(headers);
         if let Some(key) = record.key() {
             out = out.key(key);
         }

@@ -165,9 +165,7 @@ pub fn produce(
             }
         }
         let (key, payload) = make_event(&mut rng, options.users, options.invalid_percent);
-        let mut record = BaseRecord::to(&options.topic)
-            .key(key.as_bytes())
-            .payload(&payload);
+        let mut record = BaseRecord::to(&options.topic).key(key.as_bytes()).payload(&payload);
         loop {
             match producer.send(record) {
                 Ok(()) => break,
@@ -205,10 +203,7 @@ mod tests {
         for t in event::KNOWN_EVENT_TYPES {
             assert!(seen.contains(*t), "{t} never generated");
         }
-        assert!(
-            seen.len() > event::KNOWN_EVENT_TYPES.len(),
-            "no unknown types generated"
-        );
+        assert!(seen.len() > event::KNOWN_EVENT_TYPES.len(), "no unknown types generated");
     }
 
     #[test]

@@ -98,10 +98,7 @@ pub struct Rejection {
 
 impl Rejection {
     fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
-        Self {
-            reason,
-            detail: detail.into(),
-        }
+        Self { reason, detail: detail.into() }
     }
 }
 
@@ -178,29 +175,17 @@ pub fn decode(
             Some(raw.to_owned())
         }
     };
-    Ok(Event {
-        event_type,
-        user_id,
-        service,
-        timestamp,
-        data,
-    })
+    Ok(Event { event_type, user_id, service, timestamp, data })
 }
 
 fn required(value: Option<String>, field: &str, max_chars: usize) -> Result<String, Rejection> {
     let value = value
         .ok_or_else(|| Rejection::new(RejectReason::MissingField, format!("{field} is missing")))?;
     if value.trim().is_empty() {
-        return Err(Rejection::new(
-            RejectReason::InvalidField,
-            format!("{field} is empty"),
-        ));
+        return Err(Rejection::new(RejectReason::InvalidField, format!("{field} is empty")));
     }
     if value.contains('\0') {
-        return Err(Rejection::new(
-            RejectReason::InvalidField,
-            format!("{field} contains NUL"),
-        ));
+        return Err(Rejection::new(RejectReason::InvalidField, format!("{field} contains NUL")));
     }
     let chars = value.chars().count();
     if chars > max_chars {
@@ -222,9 +207,7 @@ pub fn parse_timestamp(raw: &str) -> Result<DateTime<Utc>, Rejection> {
         let text: String = serde_json::from_str(raw).map_err(|e| ts_error(e.to_string()))?;
         parse_timestamp_text(&text)
     } else {
-        let n: f64 = raw
-            .parse()
-            .map_err(|_| ts_error(format!("not a string or number: {raw}")))?;
+        let n: f64 = raw.parse().map_err(|_| ts_error(format!("not a string or number: {raw}")))?;
         parse_epoch(n)
     }
 }
@@ -253,11 +236,7 @@ fn parse_epoch(n: f64) -> Result<DateTime<Utc>, Rejection> {
     if !n.is_finite() {
         return Err(ts_error("epoch timestamp is not finite"));
     }
-    let micros = if n.abs() >= EPOCH_MILLIS_THRESHOLD {
-        n * 1e3
-    } else {
-        n * 1e6
-    };
+    let micros = if n.abs() >= EPOCH_MILLIS_THRESHOLD { n * 1e3 } else { n * 1e6 };
     if micros.abs() > i64::MAX as f64 / 2.0 {
         return Err(ts_error(format!("epoch timestamp {n} is out of range")));
     }
@@ -308,9 +287,7 @@ mod tests {
     }
 
     fn err(json: &str) -> RejectReason {
-        decode(json.as_bytes(), Some(1_700_000_000_000), MAX)
-            .unwrap_err()
-            .reason
+        decode(json.as_bytes(), Some(1_700_000_000_000), MAX).unwrap_err().reason
     }
 
     fn ts(s: &str) -> DateTime<Utc> {
@@ -319,10 +296,8 @@ mod tests {
 
     #[test]
     fn decodes_a_full_envelope() {
-        let e = ok(
-            r#"{"event_type":"user.login","user_id":"u1","service":"auth-service",
-            "timestamp":"2024-11-08T12:34:56Z","data":{"ip":"10.0.0.1"},"extra":1}"#,
-        );
+        let e = ok(r#"{"event_type":"user.login","user_id":"u1","service":"auth-service",
+            "timestamp":"2024-11-08T12:34:56Z","data":{"ip":"10.0.0.1"},"extra":1}"#);
         assert_eq!(e.event_type, "user.login");
         assert_eq!(e.timestamp, ts("2024-11-08T12:34:56Z"));
         assert_eq!(e.data.as_deref(), Some(r#"{"ip":"10.0.0.1"}"#));
@@ -332,19 +307,10 @@ mod tests {
     fn unknown_types_and_absent_data_are_fine() {
         let e = ok(r#"{"event_type":"user.new_thing","user_id":"u","service":"s"}"#);
         assert_eq!(e.data, None);
+        assert_eq!(e.timestamp, ts("2023-11-14T22:13:20Z"), "record timestamp used");
+        assert_eq!(ok(r#"{"event_type":"t","user_id":"u","service":"s","data":null}"#).data, None);
         assert_eq!(
-            e.timestamp,
-            ts("2023-11-14T22:13:20Z"),
-            "record timestamp used"
-        );
-        assert_eq!(
-            ok(r#"{"event_type":"t","user_id":"u","service":"s","data":null}"#).data,
-            None
-        );
-        assert_eq!(
-            ok(r#"{"event_type":"t","user_id":"u","service":"s","data":[1]}"#)
-                .data
-                .as_deref(),
+            ok(r#"{"event_type":"t","user_id":"u","service":"s","data":[1]}"#).data.as_deref(),
             Some("[1]")
         );
     }
@@ -352,14 +318,8 @@ mod tests {
     #[test]
     fn timestamp_forms() {
         let cases = [
-            (
-                r#""2024-11-08T12:34:56.123456+02:00""#,
-                "2024-11-08T10:34:56.123456Z",
-            ),
-            (
-                r#""2024-11-08T12:34:56.123456""#,
-                "2024-11-08T12:34:56.123456Z",
-            ),
+            (r#""2024-11-08T12:34:56.123456+02:00""#, "2024-11-08T10:34:56.123456Z"),
+            (r#""2024-11-08T12:34:56.123456""#, "2024-11-08T12:34:56.123456Z"),
             (r#""2024-11-08 12:34:56""#, "2024-11-08T12:34:56Z"),
             (r#""2024-11-08 12:34:56.5""#, "2024-11-08T12:34:56.5Z"),
             (r#""2024-11-08 12:34:56+00:00""#, "2024-11-08T12:34:56Z"),
@@ -389,13 +349,9 @@ mod tests {
             );
         }
         assert_eq!(
-            decode(
-                br#"{"event_type":"t","user_id":"u","service":"s"}"#,
-                None,
-                MAX
-            )
-            .unwrap_err()
-            .reason,
+            decode(br#"{"event_type":"t","user_id":"u","service":"s"}"#, None, MAX)
+                .unwrap_err()
+                .reason,
             RejectReason::InvalidTimestamp
         );
     }
@@ -404,14 +360,8 @@ mod tests {
     fn invalid_payloads_are_classified() {
         assert_eq!(err("{not json"), RejectReason::InvalidJson);
         assert_eq!(err(""), RejectReason::InvalidJson);
-        assert_eq!(
-            decode(&[0xff, 0xfe], None, MAX).unwrap_err().reason,
-            RejectReason::InvalidJson
-        );
-        assert_eq!(
-            err(r#"{"user_id":"u","service":"s"}"#),
-            RejectReason::MissingField
-        );
+        assert_eq!(decode(&[0xff, 0xfe], None, MAX).unwrap_err().reason, RejectReason::InvalidJson);
+        assert_eq!(err(r#"{"user_id":"u","service":"s"}"#), RejectReason::MissingField);
         assert_eq!(
             err(r#"{"event_type":null,"user_id":"u","service":"s"}"#),
             RejectReason::MissingField
@@ -427,19 +377,15 @@ mod tests {
         assert_eq!(err("[1,2]"), RejectReason::InvalidField);
         let long = "x".repeat(101);
         assert_eq!(
-            err(&format!(
-                r#"{{"event_type":"{long}","user_id":"u","service":"s"}}"#
-            )),
+            err(&format!(r#"{{"event_type":"{long}","user_id":"u","service":"s"}}"#)),
             RejectReason::InvalidField
         );
         let long = "é".repeat(100);
         assert_eq!(
-            ok(&format!(
-                r#"{{"event_type":"{long}","user_id":"u","service":"s"}}"#
-            ))
-            .event_type
-            .chars()
-            .count(),
+            ok(&format!(r#"{{"event_type":"{long}","user_id":"u","service":"s"}}"#))
+                .event_type
+                .chars()
+                .count(),
             100
         );
         assert_eq!(
@@ -470,9 +416,6 @@ mod tests {
     #[test]
     fn replays_decode_identically() {
         let payload = br#"{"event_type":"t","user_id":"u","service":"s"}"#;
-        assert_eq!(
-            decode(payload, Some(42), MAX),
-            decode(payload, Some(42), MAX)
-        );
+        assert_eq!(decode(payload, Some(42), MAX), decode(payload, Some(42), MAX));
     }
 }

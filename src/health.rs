@@ -19,10 +19,7 @@ pub struct Component {
 
 impl Component {
     fn unknown() -> Self {
-        Self {
-            up: false,
-            detail: "not checked yet".into(),
-        }
+        Self { up: false, detail: "not checked yet".into() }
     }
 }
 
@@ -67,8 +64,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Status {
     /// Called on every turn of the consume loop.
     pub fn beat(&self) {
-        self.heartbeat_ms
-            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.heartbeat_ms.store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
 
     /// Time since the consume loop last turned.
@@ -89,18 +85,12 @@ impl Status {
 
     /// Records Kafka's state.
     pub fn set_kafka(&self, up: bool, detail: impl Into<String>) {
-        *lock(&self.kafka) = Component {
-            up,
-            detail: detail.into(),
-        };
+        *lock(&self.kafka) = Component { up, detail: detail.into() };
     }
 
     /// Records PostgreSQL's state.
     pub fn set_database(&self, up: bool, detail: impl Into<String>) {
-        *lock(&self.database) = Component {
-            up,
-            detail: detail.into(),
-        };
+        *lock(&self.database) = Component { up, detail: detail.into() };
     }
 
     /// Kafka's last observed state.
@@ -156,10 +146,7 @@ impl Status {
         if database.up
             && let Some(error) = lock(&self.write_error).clone()
         {
-            database = Component {
-                up: false,
-                detail: format!("writes failing: {error}"),
-            };
+            database = Component { up: false, detail: format!("writes failing: {error}") };
         }
         Readiness {
             ready: kafka.up && database.up && !self.consumer_stopped(),

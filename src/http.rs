@@ -39,23 +39,14 @@ pub fn router(state: AppState) -> Router {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
-        )],
-        state.metrics.render(),
-    )
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render())
         .into_response()
 }
 
 async fn health(State(state): State<AppState>) -> Response {
     let readiness = state.status.readiness();
     if readiness.ready {
-        (
-            StatusCode::OK,
-            Json(json!({"status": "healthy", "service": SERVICE_NAME})),
-        )
+        (StatusCode::OK, Json(json!({"status": "healthy", "service": SERVICE_NAME})))
             .into_response()
     } else {
         let body = json!({
@@ -69,20 +60,12 @@ async fn health(State(state): State<AppState>) -> Response {
 
 async fn livez(State(state): State<AppState>) -> Response {
     let liveness = state.status.liveness(state.liveness_stall);
-    let code = if liveness.alive {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let code = if liveness.alive { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, Json(liveness)).into_response()
 }
 
 async fn readyz(State(state): State<AppState>) -> Response {
     let readiness = state.status.readiness();
-    let code = if readiness.ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
+    let code = if readiness.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, Json(readiness)).into_response()
 }

@@ -9,17 +9,23 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use opentelemetry::trace::SpanContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
+use rdkafka::message::Headers;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::{Offset, TopicPartitionList};
-use tracing::{debug, info, warn};
+use tracing::{debug, info, info_span, warn};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::batch::{BatchPolicy, OffsetTracker};
 use crate::dead_letter::{DeadLetter, DeadLetterSink};
 use crate::event::{self, RejectReason, Rejection};
 use crate::health::Status;
 use crate::storage::{EventStore, StorageError, StoredEvent, WriteOutcome};
-use crate::telemetry::Metrics;
+use crate::telemetry::{Metrics, parse_traceparent};
+
+/// Links per batch span; enough to follow a sample of producers without bloating spans.
+const MAX_SPAN_LINKS: usize = 32;
 
 /// Why a flush did not complete; the batch is kept and the flush can be retried.
 #[derive(Debug, thiserror::Error)]
@@ -44,6 +50,8 @@ struct Batch {
     /// Set once the rows are durable, so a retry after a dead-letter failure skips the insert.
     written: Option<WriteOutcome>,
     dead_lettered: Vec<RejectReason>,
+    /// Producers' trace contexts (W3C `traceparent` headers) the batch span links to.
+    links: Vec<SpanContext>,
 }
 
 impl Batch {
@@ -151,15 +159,19 @@ impl Pipeline {
                     error = %rejection.detail,
                     "record rejected, sending to the dead-letter topic"
                 );
-                batch.dead.push(DeadLetter {
-                    record: msg.detach(),
-                    rejection,
-                });
+                batch.dead.push(DeadLetter { record: msg.detach(), rejection });
             }
         }
-        batch
-            .offsets
-            .observe(msg.topic(), msg.partition(), msg.offset());
+        if batch.links.len() < MAX_SPAN_LINKS
+            && let Some(cx) = msg
+                .headers()
+                .and_then(|h| h.iter().find(|h| h.key == "traceparent"))
+                .and_then(|h| h.value)
+                .and_then(parse_traceparent)
+        {
+            batch.links.push(cx);
+        }
+        batch.offsets.observe(msg.topic(), msg.partition(), msg.offset());
         batch.bytes += payload.len();
         batch.first_at.get_or_insert_with(Instant::now);
     }
@@ -197,6 +209,19 @@ impl Pipeline {
             return Ok(FlushReport::default());
         }
         let first_at = batch.first_at.unwrap_or_else(Instant::now);
+        // One span per batch (not per event); it links to the producers' traces.
+        let span = info_span!(
+            "batch",
+            events = batch.len(),
+            partitions = %batch.offsets.partitions().join(","),
+            inserted = tracing::field::Empty,
+            duplicates = tracing::field::Empty,
+            dead_lettered = tracing::field::Empty,
+        );
+        for link in std::mem::take(&mut batch.links) {
+            span.add_link(link);
+        }
+        let _entered = span.enter();
 
         if batch.written.is_none() {
             let started = Instant::now();
@@ -207,8 +232,7 @@ impl Pipeline {
                     return Err(e.into());
                 }
             };
-            self.metrics
-                .record_db_write(started.elapsed().as_secs_f64());
+            self.metrics.record_db_write(started.elapsed().as_secs_f64());
             for (index, message) in &outcome.rejected {
                 let row = &batch.rows[*index];
                 warn!(
@@ -238,10 +262,7 @@ impl Pipeline {
             if !sent.failed.is_empty() {
                 batch.dead = sent.failed;
                 self.metrics.record_error("dead_letter_failed");
-                let error = sent
-                    .error
-                    .map(|e| e.to_string())
-                    .unwrap_or_else(|| "unknown".into());
+                let error = sent.error.map(|e| e.to_string()).unwrap_or_else(|| "unknown".into());
                 return Err(FlushError::DeadLetter(error));
             }
         }
@@ -266,6 +287,9 @@ impl Pipeline {
             duplicates: outcome.duplicates,
             dead_lettered: batch.dead_lettered.len(),
         };
+        span.record("inserted", report.inserted);
+        span.record("duplicates", report.duplicates);
+        span.record("dead_lettered", report.dead_lettered);
         let mut per_type: HashMap<(String, String), u64> = HashMap::new();
         let rejected: std::collections::HashSet<usize> =
             outcome.rejected.iter().map(|(i, _)| *i).collect();
@@ -278,10 +302,7 @@ impl Pipeline {
                 .entry((row.event.event_type.clone(), row.event.service.clone()))
                 .or_default() += 1;
             if log_each {
-                debug!(
-                    "Processed event: {} (user: {})",
-                    row.event.event_type, row.event.user_id
-                );
+                debug!("Processed event: {} (user: {})", row.event.event_type, row.event.user_id);
             }
         }
         self.metrics.record_processed(&per_type);
@@ -289,8 +310,7 @@ impl Pipeline {
             self.metrics.record_dead_letter(*reason);
         }
         let seconds = first_at.elapsed().as_secs_f64();
-        self.metrics
-            .record_batch(report.events, report.inserted, report.duplicates, seconds);
+        self.metrics.record_batch(report.events, report.inserted, report.duplicates, seconds);
         info!(
             events = report.events,
             inserted = report.inserted,
@@ -308,11 +328,8 @@ impl Pipeline {
     /// Drops what the batch holds for partitions we no longer own and could not flush:
     /// uncommitted, they will be consumed again by their new owner.
     pub fn discard(&self, revoked: &TopicPartitionList) {
-        let gone: Vec<(String, i32)> = revoked
-            .elements()
-            .iter()
-            .map(|e| (e.topic().to_string(), e.partition()))
-            .collect();
+        let gone: Vec<(String, i32)> =
+            revoked.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
         let owned =
             |topic: &str, partition: i32| !gone.iter().any(|(t, p)| t == topic && *p == partition);
         let mut batch = self.batch();
@@ -322,11 +339,7 @@ impl Pipeline {
             *batch = Batch::default();
             return;
         }
-        let keep: Vec<bool> = batch
-            .rows
-            .iter()
-            .map(|r| owned(&r.topic, r.partition))
-            .collect();
+        let keep: Vec<bool> = batch.rows.iter().map(|r| owned(&r.topic, r.partition)).collect();
         let mut i = 0;
         batch.rows.retain(|_| {
             i += 1;
@@ -337,9 +350,7 @@ impl Pipeline {
             i += 1;
             keep[i - 1]
         });
-        batch
-            .dead
-            .retain(|l| owned(l.record.topic(), l.record.partition()));
+        batch.dead.retain(|l| owned(l.record.topic(), l.record.partition()));
         batch.offsets.retain(owned);
         if batch.offsets.is_empty() {
             *batch = Batch::default();

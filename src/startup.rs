@@ -83,9 +83,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         let shutdown = async move {
             let _ = server_stop.wait_for(|stop| *stop).await;
         };
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await
+        axum::serve(listener, app).with_graceful_shutdown(shutdown).await
     });
     tokio::spawn(watch_database(store, status.clone(), stop_rx));
 
@@ -96,23 +94,20 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         let status = status.clone();
         let drain = Duration::from_secs(settings.shutdown_timeout_secs);
         let lag_interval = Duration::from_secs(settings.lag_refresh_secs);
-        std::thread::Builder::new()
-            .name("consumer".into())
-            .spawn(move || {
-                let _done = done_tx;
-                let _stopped = StoppedOnExit(status);
-                let stop_lag = Arc::new(AtomicBool::new(false));
-                let lag =
-                    consumer::spawn_lag_monitor(consumer.clone(), lag_interval, stop_lag.clone());
-                consumer::consume(&consumer, &shutdown, drain);
-                stop_lag.store(true, Ordering::Relaxed);
-                if let Ok(handle) = lag {
-                    let _ = handle.join();
-                }
-                // The last reference: dropping it closes the consumer and leaves the group.
-                drop(consumer);
-                info!("left the consumer group");
-            })?
+        std::thread::Builder::new().name("consumer".into()).spawn(move || {
+            let _done = done_tx;
+            let _stopped = StoppedOnExit(status);
+            let stop_lag = Arc::new(AtomicBool::new(false));
+            let lag = consumer::spawn_lag_monitor(consumer.clone(), lag_interval, stop_lag.clone());
+            consumer::consume(&consumer, &shutdown, drain);
+            stop_lag.store(true, Ordering::Relaxed);
+            if let Ok(handle) = lag {
+                let _ = handle.join();
+            }
+            // The last reference: dropping it closes the consumer and leaves the group.
+            drop(consumer);
+            info!("left the consumer group");
+        })?
     };
     info!(
         brokers = %settings.kafka_brokers,

@@ -90,10 +90,7 @@ impl EventStore {
             .min_connections(0)
             .acquire_timeout(Duration::from_secs(3))
             .connect_lazy_with(options.application_name("nexus-analytics"));
-        Ok(Self {
-            pool,
-            write_timeout,
-        })
+        Ok(Self { pool, write_timeout })
     }
 
     /// The pool, for read paths and tests.
@@ -104,10 +101,7 @@ impl EventStore {
     /// Applies pending migrations; safe to run concurrently from several replicas
     /// (sqlx takes an advisory lock).
     pub async fn migrate(&self) -> Result<(), StorageError> {
-        MIGRATOR
-            .run(&self.pool)
-            .await
-            .map_err(|e| StorageError::Migration(e.to_string()))
+        MIGRATOR.run(&self.pool).await.map_err(|e| StorageError::Migration(e.to_string()))
     }
 
     /// A round trip within `timeout`, for readiness.
@@ -115,9 +109,7 @@ impl EventStore {
         match tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(&self.pool)).await {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(StorageError::Unavailable(kind(&e))),
-            Err(_) => Err(StorageError::Unavailable(format!(
-                "no answer within {timeout:?}"
-            ))),
+            Err(_) => Err(StorageError::Unavailable(format!("no answer within {timeout:?}"))),
         }
     }
 
@@ -228,11 +220,9 @@ fn classify(e: &sqlx::Error) -> Failure {
 fn kind(e: &sqlx::Error) -> String {
     match e {
         sqlx::Error::Configuration(_) => "invalid connection configuration".into(),
-        sqlx::Error::Database(db) => format!(
-            "{} (SQLSTATE {})",
-            db.message(),
-            db.code().unwrap_or_default()
-        ),
+        sqlx::Error::Database(db) => {
+            format!("{} (SQLSTATE {})", db.message(), db.code().unwrap_or_default())
+        }
         sqlx::Error::Io(io) => format!("I/O error: {io}"),
         sqlx::Error::Tls(_) => "TLS error".into(),
         sqlx::Error::PoolTimedOut => "timed out waiting for a connection".into(),

@@ -111,29 +111,18 @@ fn malformed_records_are_dead_lettered_and_neighbours_stored() {
             String::from_utf8_lossy(headers.get(k).map(Vec::as_slice).unwrap_or_default())
                 .to_string()
         };
-        let source_offset: i64 = text("dlq.source.offset")
-            .parse()
-            .expect("dlq.source.offset");
+        let source_offset: i64 = text("dlq.source.offset").parse().expect("dlq.source.offset");
         let want = expected
             .get(&source_offset)
             .unwrap_or_else(|| panic!("unexpected dead letter at offset {source_offset}"));
-        assert_eq!(
-            text("dlq.reason"),
-            *want,
-            "offset {source_offset}: {}",
-            text("dlq.error")
-        );
+        assert_eq!(text("dlq.reason"), *want, "offset {source_offset}: {}", text("dlq.error"));
         assert_eq!(text("dlq.source.topic"), topic);
         assert_eq!(text("dlq.source.partition"), "0");
         assert_eq!(text("dlq.consumer.group"), group);
         assert!(!text("dlq.error").is_empty());
         assert_eq!(text("origin"), "test", "original headers kept");
         let index = (source_offset - 1) / 2;
-        assert_eq!(
-            letter.key(),
-            Some(format!("bad-{index}").as_bytes()),
-            "original key kept"
-        );
+        assert_eq!(letter.key(), Some(format!("bad-{index}").as_bytes()), "original key kept");
         let original = &bad[index as usize].1;
         if *want != "too_large" {
             // Empty and null values are the same to Kafka clients; compare the bytes.
@@ -154,19 +143,10 @@ fn malformed_records_are_dead_lettered_and_neighbours_stored() {
         "db_rejected",
     ]
     .iter()
-    .map(|r| {
-        svc.metric(&format!("analytics_dead_letters_total{{reason=\"{r}\"}}"))
-            .unwrap_or(0.0)
-    })
+    .map(|r| svc.metric(&format!("analytics_dead_letters_total{{reason=\"{r}\"}}")).unwrap_or(0.0))
     .sum();
     assert_eq!(dead, bad.len() as f64);
-    assert_eq!(
-        svc.metric("analytics_dead_letters_total{reason=\"db_rejected\"}"),
-        Some(2.0)
-    );
+    assert_eq!(svc.metric("analytics_dead_letters_total{reason=\"db_rejected\"}"), Some(2.0));
     let log = svc.log_text();
-    assert!(
-        log.contains("sending to the dead-letter topic"),
-        "dead letters are logged"
-    );
+    assert!(log.contains("sending to the dead-letter topic"), "dead letters are logged");
 }

@@ -26,14 +26,7 @@ impl Setup {
         broker.create_topic(&topic, PARTITIONS);
         broker.create_topic(&dlq, 1);
         let bootstrap = broker.bootstrap();
-        Self {
-            broker,
-            bootstrap,
-            db: TestDb::create(),
-            topic,
-            dlq,
-            group: unique("group"),
-        }
+        Self { broker, bootstrap, db: TestDb::create(), topic, dlq, group: unique("group") }
     }
 
     fn env(&self) -> Vec<(&str, &str)> {
@@ -73,10 +66,7 @@ fn every_event_is_stored_exactly_once_even_when_replayed() {
     );
     std::thread::sleep(Duration::from_secs(2));
     s.assert_exactly(produced);
-    assert_eq!(
-        svc.metric("analytics_events_stored_total"),
-        Some(produced as f64)
-    );
+    assert_eq!(svc.metric("analytics_events_stored_total"), Some(produced as f64));
     drop(svc);
 
     // Replay everything under a new group: every record is redelivered, no row is added.
@@ -105,10 +95,7 @@ fn sigkill_mid_stream_loses_and_doubles_nothing() {
     let bootstrap = s.broker.bootstrap();
     let topic = s.topic.clone();
     let producer = std::thread::spawn(move || produce_demo(&bootstrap, &topic, 20_000, 4000, 2));
-    assert!(
-        s.wait_rows(3000, Duration::from_secs(30)),
-        "no progress before the kill"
-    );
+    assert!(s.wait_rows(3000, Duration::from_secs(30)), "no progress before the kill");
     svc.kill9();
     let at_kill = s.db.rows();
     std::thread::sleep(Duration::from_secs(1));
@@ -122,10 +109,7 @@ fn sigkill_mid_stream_loses_and_doubles_nothing() {
     );
     std::thread::sleep(Duration::from_secs(2));
     s.assert_exactly(produced);
-    assert!(
-        at_kill < produced,
-        "the kill happened after everything was stored"
-    );
+    assert!(at_kill < produced, "the kill happened after everything was stored");
 }
 
 #[test]
@@ -136,13 +120,8 @@ fn sigterm_drains_commits_and_exits_zero() {
     let bootstrap = s.broker.bootstrap();
     let topic = s.topic.clone();
     let producer = std::thread::spawn(move || produce_demo(&bootstrap, &topic, 12_000, 3000, 3));
-    assert!(
-        s.wait_rows(2000, Duration::from_secs(30)),
-        "no progress before SIGTERM"
-    );
-    let status = svc
-        .sigterm(Duration::from_secs(30))
-        .expect("did not exit after SIGTERM");
+    assert!(s.wait_rows(2000, Duration::from_secs(30)), "no progress before SIGTERM");
+    let status = svc.sigterm(Duration::from_secs(30)).expect("did not exit after SIGTERM");
     assert_eq!(status.code(), Some(0), "exit status\n{}", svc.log_text());
     let log = svc.log_text();
     assert!(log.contains("shutdown complete"), "{log}");
@@ -150,11 +129,7 @@ fn sigterm_drains_commits_and_exits_zero() {
 
     // What the drained instance committed is not delivered into rows again.
     svc.restart();
-    assert!(
-        s.wait_rows(produced, Duration::from_secs(60)),
-        "only {} of {produced}",
-        s.db.rows()
-    );
+    assert!(s.wait_rows(produced, Duration::from_secs(60)), "only {} of {produced}", s.db.rows());
     std::thread::sleep(Duration::from_secs(2));
     s.assert_exactly(produced);
     assert_eq!(
@@ -185,11 +160,7 @@ fn two_instances_split_the_partitions_and_store_each_event_once() {
         + b.metric("analytics_assigned_partitions").unwrap_or(0.0);
     assert_eq!(total, PARTITIONS as f64);
     let produced = produce_demo(&s.broker.bootstrap(), &s.topic, 8000, 0, 4) as i64;
-    assert!(
-        s.wait_rows(produced, Duration::from_secs(60)),
-        "only {} of {produced}",
-        s.db.rows()
-    );
+    assert!(s.wait_rows(produced, Duration::from_secs(60)), "only {} of {produced}", s.db.rows());
     std::thread::sleep(Duration::from_secs(2));
     s.assert_exactly(produced);
     let stored_a = a.metric("analytics_events_stored_total").unwrap_or(0.0);
@@ -233,15 +204,10 @@ fn database_outage_pauses_then_resumes_without_loss_or_duplicates() {
         Duration::from_secs(5),
         || matches!(svc.get("/readyz"), Some((503, body)) if body.contains("\"database\":{\"up\":false")),
     );
-    assert!(
-        not_ready,
-        "readiness did not flip within 5 s: {:?}",
-        svc.get("/readyz")
-    );
+    assert!(not_ready, "readiness did not flip within 5 s: {:?}", svc.get("/readyz"));
     let flipped_after = down.elapsed();
     assert!(
-        wait_until(Duration::from_secs(10), || svc
-            .metric("analytics_consumer_paused")
+        wait_until(Duration::from_secs(10), || svc.metric("analytics_consumer_paused")
             == Some(1.0)),
         "not paused"
     );
@@ -255,10 +221,7 @@ fn database_outage_pauses_then_resumes_without_loss_or_duplicates() {
     pg.start_server();
     let up = std::time::Instant::now();
     assert!(
-        wait_until(Duration::from_secs(10), || matches!(
-            svc.get("/readyz"),
-            Some((200, _))
-        )),
+        wait_until(Duration::from_secs(10), || matches!(svc.get("/readyz"), Some((200, _)))),
         "not ready again"
     );
     let recovered_after = up.elapsed();
@@ -307,11 +270,7 @@ fn broker_outage_flips_readiness_but_not_liveness() {
         Duration::from_secs(5),
         || matches!(svc.get("/readyz"), Some((503, body)) if body.contains("\"kafka\":{\"up\":false")),
     );
-    assert!(
-        flipped,
-        "readiness did not flip within 5 s: {:?}",
-        svc.get("/readyz")
-    );
+    assert!(flipped, "readiness did not flip within 5 s: {:?}", svc.get("/readyz"));
     let flipped_after = down.elapsed();
     std::thread::sleep(Duration::from_secs(3));
     assert_eq!(svc.get("/livez").map(|r| r.0), Some(200));
@@ -319,10 +278,7 @@ fn broker_outage_flips_readiness_but_not_liveness() {
     broker.create_topic(&topic, 2);
     let up = std::time::Instant::now();
     assert!(
-        wait_until(Duration::from_secs(30), || matches!(
-            svc.get("/readyz"),
-            Some((200, _))
-        )),
+        wait_until(Duration::from_secs(30), || matches!(svc.get("/readyz"), Some((200, _)))),
         "not ready after the broker returned: {:?}",
         svc.get("/readyz")
     );

@@ -81,10 +81,7 @@ fn terminate(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
 }
 
 fn unsafe_signal(pid: u32, signal: &str) {
-    let _ = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .status();
+    let _ = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status();
 }
 
 // ------------------------------------------------------------------------------------ broker
@@ -114,11 +111,7 @@ impl Broker {
     pub fn start() -> Self {
         let port = free_port();
         let log = log_dir().join(format!("{}.log", unique("tansu")));
-        let mut broker = Self {
-            child: None,
-            port,
-            log,
-        };
+        let mut broker = Self { child: None, port, log };
         broker.spawn();
         broker
     }
@@ -127,13 +120,7 @@ impl Broker {
         let url = format!("tcp://127.0.0.1:{}", self.port);
         let log = std::fs::File::create(&self.log).expect("tansu log");
         let child = Command::new(tansu_bin())
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-            ])
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
             .args(["--storage-engine", "memory://tansu/"])
             .stdout(Stdio::null())
             .stderr(log)
@@ -154,12 +141,7 @@ impl Broker {
     /// Creates a topic with the broker's own CLI.
     pub fn create_topic(&self, name: &str, partitions: u32) {
         let status = Command::new(tansu_bin())
-            .args([
-                "topic",
-                "create",
-                "--broker",
-                &format!("tcp://127.0.0.1:{}", self.port),
-            ])
+            .args(["topic", "create", "--broker", &format!("tcp://127.0.0.1:{}", self.port)])
             .args(["--partitions", &partitions.to_string(), name])
             .stdout(Stdio::null())
             .status()
@@ -192,14 +174,8 @@ impl Drop for Broker {
 pub fn produce_demo(bootstrap: &str, topic: &str, count: u64, rate: u64, seed: u64) -> u64 {
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", bootstrap);
-    let options = ProduceOptions {
-        count,
-        rate,
-        topic: topic.into(),
-        invalid_percent: 0,
-        users: 500,
-        seed,
-    };
+    let options =
+        ProduceOptions { count, rate, topic: topic.into(), invalid_percent: 0, users: 500, seed };
     let report = demo::produce(config, &options, &AtomicBool::new(false)).expect("produce");
     assert_eq!(report.failed, 0);
     report.delivered
@@ -228,10 +204,7 @@ pub fn produce_raw(bootstrap: &str, topic: &str, records: &[RawRecord]) {
     for r in records {
         let mut headers = OwnedHeaders::new();
         for (k, v) in &r.headers {
-            headers = headers.insert(Header {
-                key: k,
-                value: Some(v),
-            });
+            headers = headers.insert(Header { key: k, value: Some(v) });
         }
         let mut record: BaseRecord<'_, [u8], [u8]> = BaseRecord::to(topic).headers(headers);
         if let Some(k) = &r.key {
@@ -288,10 +261,7 @@ fn with_database(url: &str, name: &str) -> String {
 }
 
 fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("runtime")
+    tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime")
 }
 
 /// A fresh, migrated database on the shared local PostgreSQL, dropped afterwards.
@@ -345,13 +315,8 @@ impl Drop for TestDb {
 pub fn migrate(url: &str) {
     let url = url.to_string();
     runtime().block_on(async move {
-        let pool = sqlx::PgPool::connect(&url)
-            .await
-            .expect("connect for migrations");
-        nexus_analytics::storage::MIGRATOR
-            .run(&pool)
-            .await
-            .expect("migrations");
+        let pool = sqlx::PgPool::connect(&url).await.expect("connect for migrations");
+        nexus_analytics::storage::MIGRATOR.run(&pool).await.expect("migrations");
         pool.close().await;
     });
 }
@@ -361,9 +326,7 @@ fn try_run_sql(url: &str, sql: &str) -> Result<(), sqlx::Error> {
     runtime().block_on(async move {
         use sqlx::Connection;
         let mut conn = sqlx::PgConnection::connect(&url).await?;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone()))
-            .execute(&mut conn)
-            .await?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(sql.clone())).execute(&mut conn).await?;
         conn.close().await
     })
 }
@@ -409,9 +372,7 @@ fn pg_bin_dir() -> PathBuf {
         })
         .unwrap_or_default();
     versions.sort();
-    versions
-        .pop()
-        .expect("no PostgreSQL server binaries (set PG_BIN_DIR)")
+    versions.pop().expect("no PostgreSQL server binaries (set PG_BIN_DIR)")
 }
 
 fn as_postgres_user(program: &Path) -> Command {
@@ -426,24 +387,14 @@ fn as_postgres_user(program: &Path) -> Command {
 }
 
 fn unsafe_is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| o.stdout.starts_with(b"0\n"))
-        .unwrap_or(false)
+    Command::new("id").arg("-u").output().map(|o| o.stdout.starts_with(b"0\n")).unwrap_or(false)
 }
 
 impl PrivatePostgres {
     /// initdb + start on a free port, with a database `analytics` migrated.
     pub fn start() -> Self {
-        let dir = tempfile::Builder::new()
-            .prefix("na-pg")
-            .tempdir_in("/tmp")
-            .expect("tempdir");
-        let _ = Command::new("chown")
-            .args(["-R", "postgres:postgres"])
-            .arg(dir.path())
-            .status();
+        let dir = tempfile::Builder::new().prefix("na-pg").tempdir_in("/tmp").expect("tempdir");
+        let _ = Command::new("chown").args(["-R", "postgres:postgres"]).arg(dir.path()).status();
         let bin = pg_bin_dir();
         let data = dir.path().join("data");
         let status = as_postgres_user(&bin.join("initdb"))
@@ -454,11 +405,7 @@ impl PrivatePostgres {
             .status()
             .expect("initdb");
         assert!(status.success(), "initdb failed");
-        let pg = Self {
-            dir,
-            port: free_port(),
-            bin,
-        };
+        let pg = Self { dir, port: free_port(), bin };
         pg.start_server();
         run_sql(&pg.admin_url(), "CREATE DATABASE analytics");
         migrate(&pg.url());
@@ -547,26 +494,16 @@ impl Service {
         .collect();
         all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         all.push(("METRICS_PORT".into(), port.to_string()));
-        let mut s = Self {
-            child: None,
-            port,
-            log,
-            env: all,
-        };
+        let mut s = Self { child: None, port, log, env: all };
         s.spawn();
         s
     }
 
     fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("log");
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_nexus-analytics"));
-        cmd.arg("run")
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default());
+        cmd.arg("run").env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
@@ -644,10 +581,7 @@ impl Drop for Service {
 /// Finds `series value` in a Prometheus text exposition.
 pub fn parse_metric(body: &str, series: &str) -> Option<f64> {
     body.lines()
-        .find_map(|l| {
-            l.strip_prefix(series)
-                .and_then(|rest| rest.strip_prefix(' '))
-        })
+        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.strip_prefix(' ')))
         .and_then(|v| v.trim().parse().ok())
 }
 
@@ -660,9 +594,6 @@ pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
     let code = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Some((code, body))
 }
