@@ -213,8 +213,11 @@ fn lag_equals_unconsumed_events_and_drains_to_zero() {
     assert_eq!(svc.metric("analytics_consumer_paused"), Some(0.0));
 }
 
+/// Requests an OTLP receiver saw: (path, body).
+type Received = Arc<Mutex<Vec<(String, Vec<u8>)>>>;
+
 /// A minimal OTLP/HTTP receiver: records request paths and bodies, answers 200.
-fn otlp_receiver() -> (u16, Arc<Mutex<Vec<(String, Vec<u8>)>>>) {
+fn otlp_receiver() -> (u16, Received) {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
     let port = listener.local_addr().expect("addr").port();
     let seen = Arc::new(Mutex::new(Vec::new()));
