@@ -1,0 +1,3 @@
+//! nexus-analytics library (operator branch: the Kubernetes operator and Kafka administration).
+
+pub mod kafka_admin;
