@@ -11,6 +11,7 @@ use crate::consumer::client_config;
 use crate::demo::{self, ProduceOptions};
 use crate::startup;
 use crate::telemetry;
+use crate::{kafka_admin, operator};
 
 /// Consumes Nexus Core user events from Kafka and stores each exactly once in PostgreSQL.
 ///
@@ -54,6 +55,39 @@ pub enum Command {
     },
     /// Print every environment variable the service reads, one per line.
     EnvVars,
+    /// Print the AnalyticsPipeline CustomResourceDefinition (YAML).
+    Crd,
+    /// Run the Kubernetes operator that reconciles AnalyticsPipeline resources.
+    Operator {
+        /// Port of the operator's /livez, /readyz and /metrics.
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        /// Watch only this namespace (default: all namespaces).
+        #[arg(long)]
+        namespace: Option<String>,
+        /// Seconds between re-checks of a healthy pipeline (partition growth).
+        #[arg(long, default_value_t = 300)]
+        recheck_secs: u64,
+    },
+    /// Move a consumer group's committed offsets back to replay events (rows stay exact:
+    /// writes are idempotent). Refuses while the group has active members.
+    Replay {
+        /// The consumer group (default: KAFKA_GROUP_ID).
+        #[arg(long)]
+        group: Option<String>,
+        /// Replay from the first record at or after this RFC 3339 time.
+        #[arg(long, conflicts_with = "to_earliest", required_unless_present = "to_earliest")]
+        to_time: Option<String>,
+        /// Replay everything still in the topics.
+        #[arg(long)]
+        to_earliest: bool,
+        /// Topics to reset, comma-separated (default: KAFKA_TOPICS).
+        #[arg(long, value_delimiter = ',')]
+        topics: Vec<String>,
+        /// Print what would change without committing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 /// A configuration problem: the process exits with code 2.
@@ -64,12 +98,19 @@ pub struct ConfigFailure(#[from] pub config::ConfigError);
 /// Carries out a parsed command line. Loads configuration before any thread starts.
 pub fn execute(cli: Cli) -> anyhow::Result<()> {
     let command = cli.command.unwrap_or(Command::Run);
-    if let Command::EnvVars = command {
-        for name in config::ENV_VARS {
-            println!("{name}");
+    match command {
+        Command::EnvVars => {
+            for name in config::ENV_VARS {
+                println!("{name}");
+            }
+            println!("{}*", config::KAFKA_PROPERTY_PREFIX);
+            return Ok(());
         }
-        println!("{}*", config::KAFKA_PROPERTY_PREFIX);
-        return Ok(());
+        Command::Crd => {
+            print!("{}", operator::crd_yaml());
+            return Ok(());
+        }
+        _ => {}
     }
     let settings = Settings::load().map_err(ConfigFailure)?;
     if matches!(command, Command::Run | Command::Migrate) {
@@ -109,6 +150,53 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::EnvVars => Ok(()),
+        Command::Operator { port, namespace, recheck_secs } => {
+            let options = operator::OperatorOptions {
+                port,
+                namespace,
+                recheck_interval: std::time::Duration::from_secs(recheck_secs),
+            };
+            runtime.block_on(operator::run(options))
+        }
+        Command::Replay { group, to_time, to_earliest, topics, dry_run } => {
+            let target = match (to_time, to_earliest) {
+                (Some(t), _) => operator::replay::parse_target(&t)
+                    .map_err(|e| anyhow::anyhow!("invalid --to-time: {e}"))?,
+                (None, _) => kafka_admin::ResetTarget::Earliest,
+            };
+            let group = group.unwrap_or_else(|| settings.kafka_group_id.clone());
+            let topics = if topics.is_empty() {
+                settings.topics().iter().map(|t| t.to_string()).collect()
+            } else {
+                topics
+            };
+            let properties = settings
+                .kafka_properties
+                .iter()
+                .map(|(k, v)| (k.clone(), v.expose().to_string()))
+                .collect();
+            let changes = kafka_admin::reset_offsets(
+                &settings.kafka_brokers,
+                &properties,
+                &group,
+                &topics,
+                target,
+                dry_run,
+            )?;
+            let verb = if dry_run { "would move" } else { "moved" };
+            for c in &changes {
+                let old = c.old.map_or_else(|| "none".to_string(), |o| o.to_string());
+                println!("{}/{}: {verb} {old} -> {}", c.topic, c.partition, c.new);
+            }
+            let replayed: i64 =
+                changes.iter().map(|c| c.old.unwrap_or(c.new) - c.new).filter(|d| *d > 0).sum();
+            println!(
+                "{} partition(s) of group {group}; {replayed} event(s) will be consumed again{}",
+                changes.len(),
+                if dry_run { " (dry run: nothing committed)" } else { "" }
+            );
+            Ok(())
+        }
+        Command::EnvVars | Command::Crd => Ok(()),
     }
 }

@@ -5,7 +5,8 @@
 //! Reading order: [`config`] → [`event`] (pure decoding) → [`batch`] (pure policy) →
 //! [`storage`] → [`dead_letter`] → [`pipeline`] (how a batch becomes durable) → [`consumer`]
 //! (the Kafka loop) → [`startup`] (wiring). Telemetry lives in [`telemetry`], probes in
-//! [`health`] and [`http`].
+//! [`health`] and [`http`]. The Kubernetes operator is in [`operator`], Kafka group
+//! administration (partition counts, offset resets for replays) in [`kafka_admin`].
 #![warn(missing_docs)]
 
 pub mod batch;
@@ -17,7 +18,9 @@ pub mod demo;
 pub mod event;
 pub mod health;
 pub mod http;
+pub mod kafka_admin;
 pub mod lag;
+pub mod operator;
 pub mod pipeline;
 pub mod startup;
 pub mod storage;

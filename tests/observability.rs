@@ -197,7 +197,8 @@ fn lag_equals_unconsumed_events_and_drains_to_zero() {
         })
         .sum();
     assert_eq!(per_partition, produced as f64, "per-partition lag adds up");
-    assert!(wait_until(Duration::from_secs(10), || svc.metric("analytics_consumer_paused") == Some(1.0)));
+    assert!(wait_until(Duration::from_secs(10), || svc.metric("analytics_consumer_paused")
+        == Some(1.0)));
     assert!(matches!(svc.get("/readyz"), Some((503, body)) if body.contains("writes failing")));
 
     run_sql(&db.url, "ALTER TABLE analytics.events_hidden RENAME TO events");

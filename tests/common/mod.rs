@@ -122,6 +122,12 @@ impl Broker {
         let child = Command::new(tansu_bin())
             .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
             .args(["--storage-engine", "memory://tansu/"])
+            // tansu reads these as defaults for its own flags.
+            .env_remove("LISTENER_URL")
+            .env_remove("ADVERTISED_LISTENER_URL")
+            .env_remove("STORAGE_ENGINE")
+            .env_remove("CLUSTER_ID")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

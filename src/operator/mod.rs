@@ -1,0 +1,164 @@
+//! `nexus-analytics operator`: a kube-rs controller that keeps each `AnalyticsPipeline` true.
+//!
+//! - [`crd`]: the custom resource types and [`crd_yaml`] for `nexus-analytics crd`.
+//! - [`resources`]: pure builders of the owned objects.
+//! - [`reconcile`]: the reconciler, error policy and the Kafka seams.
+//! - [`replay`]: the replay state machine.
+//! - [`metrics`]: the operator's own reconcile metrics.
+
+pub mod crd;
+pub mod metrics;
+pub mod reconcile;
+pub mod replay;
+pub mod resources;
+
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::Client;
+use kube::api::{Api, ListParams};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::{Controller, watcher};
+
+pub use crd::{AnalyticsPipeline, crd_yaml};
+pub use reconcile::{Context, KafkaAdmin, KafkaConnection, OffsetResetter, PartitionSource};
+
+use metrics::Metrics;
+
+/// Options of `nexus-analytics operator`.
+#[derive(Debug, Clone)]
+pub struct OperatorOptions {
+    /// Port of /livez, /readyz and /metrics.
+    pub port: u16,
+    /// Watch only this namespace (`None`: all namespaces).
+    pub namespace: Option<String>,
+    /// How often a healthy pipeline is re-checked (partition count growth).
+    pub recheck_interval: Duration,
+}
+
+impl Default for OperatorOptions {
+    fn default() -> Self {
+        Self { port: 8080, namespace: None, recheck_interval: Duration::from_secs(300) }
+    }
+}
+
+#[derive(Clone)]
+struct HttpState {
+    ready: Arc<AtomicBool>,
+    metrics: Arc<Metrics>,
+}
+
+/// The HTTP routes of the operator process.
+fn router(ready: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Router {
+    Router::new()
+        .route("/livez", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(s): State<HttpState>| async move {
+                if s.ready.load(Ordering::Relaxed) {
+                    (StatusCode::OK, "ready")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "starting")
+                }
+            }),
+        )
+        .route("/metrics", get(|State(s): State<HttpState>| async move { s.metrics.render() }))
+        .with_state(HttpState { ready, metrics })
+}
+
+/// Runs the controller until SIGTERM/SIGINT.
+///
+/// Ready once the AnalyticsPipeline API answers (CRD installed, RBAC in place); the
+/// ServiceMonitor API is looked up once here, so installing the Prometheus Operator later needs a
+/// restart of the operator.
+pub async fn run(opts: OperatorOptions) -> anyhow::Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+    let pipelines: Api<AnalyticsPipeline> = match &opts.namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    };
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+
+    let addr = SocketAddr::from(([0, 0, 0, 0], opts.port));
+    let listener =
+        tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+    let app = router(ready.clone(), metrics.clone());
+    tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "operator HTTP server stopped");
+        }
+    });
+
+    pipelines
+        .list(&ListParams::default().limit(1))
+        .await
+        .context("listing AnalyticsPipelines (is the CRD installed? `nexus-analytics crd | kubectl apply -f -`)")?;
+    let monitoring_api = client
+        .list_api_group_resources("monitoring.coreos.com/v1")
+        .await
+        .map(|l| l.resources.iter().any(|r| r.name == "servicemonitors"))
+        .unwrap_or(false);
+    tracing::info!(monitoring_api, "operator starting");
+
+    let reporter = Reporter {
+        controller: resources::FIELD_MANAGER.into(),
+        instance: std::env::var("POD_NAME").ok(),
+    };
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        Recorder::new(client.clone(), reporter),
+        Arc::new(KafkaAdmin),
+        Arc::new(KafkaAdmin),
+        monitoring_api,
+        opts.recheck_interval,
+        metrics,
+    ));
+    let owned = watcher::Config::default()
+        .labels(&format!("app.kubernetes.io/managed-by={}", resources::FIELD_MANAGER));
+    fn api<K>(client: &Client, ns: &Option<String>) -> Api<K>
+    where
+        K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+    {
+        match ns {
+            Some(ns) => Api::namespaced(client.clone(), ns),
+            None => Api::all(client.clone()),
+        }
+    }
+    let ns = &opts.namespace;
+    ready.store(true, Ordering::Relaxed);
+    Controller::new(pipelines, watcher::Config::default())
+        .owns(api::<Job>(&client, ns), owned.clone())
+        .owns(api::<Deployment>(&client, ns), owned.clone())
+        .owns(api::<Service>(&client, ns), owned.clone())
+        .owns(api::<HorizontalPodAutoscaler>(&client, ns), owned.clone())
+        .owns(api::<PodDisruptionBudget>(&client, ns), owned)
+        .shutdown_on_signal()
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .for_each(|res| async move {
+            match res {
+                Ok((obj, _)) => tracing::debug!(pipeline = %obj.name, "reconciled"),
+                Err(e) => tracing::warn!(error = %e, "reconcile error"),
+            }
+        })
+        .await;
+    Ok(())
+}

@@ -1,0 +1,549 @@
+//! Pure builders of the objects one `AnalyticsPipeline` owns.
+//!
+//! No I/O here: every function maps the resource (plus the partition count read elsewhere) to the
+//! desired object, so the whole shape of what the operator applies is unit-tested without a cluster.
+//! Objects are written as JSON literals (the shape one reads in YAML manifests) and converted to
+//! the typed k8s-openapi structs, which also checks them against the API types.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
+use kube::{Resource, ResourceExt};
+use serde_json::{Value, json};
+
+use super::crd::{AnalyticsPipeline, AutoscalerKind, ReplicasSpec};
+
+/// Field manager for every server-side apply the operator makes.
+pub const FIELD_MANAGER: &str = "nexus-analytics-operator";
+/// Container port of /metrics, /livez and /readyz (contract: METRICS_PORT, port name `metrics`).
+pub const METRICS_PORT: i32 = 9090;
+/// Label holding the pipeline name on every owned object and pod.
+pub const INSTANCE_LABEL: &str = "app.kubernetes.io/instance";
+/// Consumer pods drain for up to SHUTDOWN_TIMEOUT_SECS (20 s by default); the grace period must exceed it.
+const TERMINATION_GRACE_SECS: i64 = 30;
+
+/// Why a desired object could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// Owner references need the resource's uid, which only objects read from the API have.
+    #[error("AnalyticsPipeline has no {0}; it must come from the API server")]
+    MissingMetadata(&'static str),
+    /// A literal did not match the k8s-openapi type (a bug in this module; caught by unit tests).
+    #[error("building {kind}: {source}")]
+    Shape {
+        /// Kind being built.
+        kind: &'static str,
+        /// The serde error.
+        source: serde_json::Error,
+    },
+}
+
+/// Replica bounds after applying the partition cap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaPlan {
+    /// Autoscaler minimum.
+    pub min: i32,
+    /// Autoscaler maximum.
+    pub max: i32,
+    /// True when the maximum was lowered because the topics have fewer partitions.
+    pub capped: bool,
+}
+
+/// Caps `max` (and `min` if needed) at the partition count: consumers beyond it would sit idle.
+/// An unknown count (Kafka unreachable) leaves the bounds as declared.
+pub fn plan_replicas(spec: &ReplicasSpec, partitions: Option<i32>) -> ReplicaPlan {
+    let min = spec.min.max(1);
+    let max = spec.max.max(min);
+    match partitions {
+        Some(p) if p >= 1 && p < max => ReplicaPlan { min: min.min(p), max: p, capped: true },
+        _ => ReplicaPlan { min, max, capped: false },
+    }
+}
+
+/// Labels on every owned object.
+pub fn labels(p: &AnalyticsPipeline, component: &str) -> BTreeMap<String, String> {
+    let mut l = selector_labels(p, component);
+    l.insert("app.kubernetes.io/managed-by".into(), FIELD_MANAGER.to_owned());
+    l
+}
+
+/// Labels that select the pods of one component of one pipeline.
+pub fn selector_labels(p: &AnalyticsPipeline, component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "nexus-analytics".to_owned()),
+        (INSTANCE_LABEL.to_owned(), p.name_any()),
+        ("app.kubernetes.io/component".to_owned(), component.to_owned()),
+    ])
+}
+
+/// Label selector string for the consumer pods (used to count running pods during a replay).
+pub fn consumer_selector(p: &AnalyticsPipeline) -> String {
+    selector_labels(p, "consumer")
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// Controller owner reference, so the API server garbage-collects children with the pipeline.
+pub fn owner_ref(p: &AnalyticsPipeline) -> Result<OwnerReference, BuildError> {
+    if p.meta().uid.is_none() {
+        return Err(BuildError::MissingMetadata("metadata.uid"));
+    }
+    p.controller_owner_ref(&()).ok_or(BuildError::MissingMetadata("metadata.name"))
+}
+
+fn metadata(p: &AnalyticsPipeline, name: &str, component: &str) -> Result<Value, BuildError> {
+    Ok(json!({
+        "name": name,
+        "namespace": p.namespace(),
+        "labels": labels(p, component),
+        "ownerReferences": [owner_ref(p)?],
+    }))
+}
+
+fn typed<T: serde::de::DeserializeOwned>(kind: &'static str, v: Value) -> Result<T, BuildError> {
+    serde_json::from_value(v).map_err(|source| BuildError::Shape { kind, source })
+}
+
+/// FNV-1a: a stable short hash (std's hasher is randomly seeded per process).
+fn short_hash(s: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in s.bytes() {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{:08x}", h as u32)
+}
+
+/// Name of the consumer Deployment, Service, autoscaler and PDB.
+pub fn consumer_name(p: &AnalyticsPipeline) -> String {
+    p.name_any()
+}
+
+/// One migration Job per image: a new image runs its migrations before its Deployment rolls,
+/// while an unchanged image re-applies the same (immutable) Job.
+pub fn migration_job_name(p: &AnalyticsPipeline) -> String {
+    let mut base = p.name_any();
+    // Job names end up in a 63-character pod label.
+    base.truncate(63 - "-migrate-".len() - 8 - 6);
+    format!("{base}-migrate-{}", short_hash(&p.spec.image))
+}
+
+fn database_env(p: &AnalyticsPipeline) -> Value {
+    let db = &p.spec.database.secret_ref;
+    json!({"name": "DATABASE_URL", "valueFrom": {"secretKeyRef": {"name": db.name, "key": db.key}}})
+}
+
+fn kafka_env_from(p: &AnalyticsPipeline) -> Value {
+    match &p.spec.kafka.secret_ref {
+        Some(s) => json!([{"prefix": "KAFKA_PROPERTY_", "secretRef": {"name": s.name}}]),
+        None => json!([]),
+    }
+}
+
+fn container_security_context() -> Value {
+    json!({
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "runAsNonRoot": true,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    })
+}
+
+fn pod_security_context() -> Value {
+    json!({"runAsNonRoot": true, "seccompProfile": {"type": "RuntimeDefault"}})
+}
+
+/// The Job that runs `nexus-analytics migrate` (idempotent) before consumers start.
+pub fn migration_job(p: &AnalyticsPipeline) -> Result<Job, BuildError> {
+    let name = migration_job_name(p);
+    typed(
+        "Job",
+        json!({
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": metadata(p, &name, "migration")?,
+            "spec": {
+                "backoffLimit": 3,
+                "template": {
+                    "metadata": {"labels": labels(p, "migration")},
+                    "spec": {
+                        "restartPolicy": "Never",
+                        "securityContext": pod_security_context(),
+                        "containers": [{
+                            "name": "migrate",
+                            "image": p.spec.image,
+                            "args": ["migrate"],
+                            "env": [database_env(p)],
+                            "securityContext": container_security_context(),
+                        }],
+                    },
+                },
+            },
+        }),
+    )
+}
+
+/// The consumer Deployment. `replicas: None` leaves the count to the autoscaler (a fixed value
+/// would fight it); `Some(0)` parks the consumers during a replay or pause.
+pub fn deployment(p: &AnalyticsPipeline, replicas: Option<i32>) -> Result<Deployment, BuildError> {
+    let s = &p.spec;
+    let mut env = vec![
+        database_env(p),
+        json!({"name": "KAFKA_BROKERS", "value": s.kafka.brokers}),
+        json!({"name": "KAFKA_TOPICS", "value": s.kafka.topics.join(",")}),
+        json!({"name": "KAFKA_GROUP_ID", "value": s.kafka.group_id}),
+        json!({"name": "METRICS_PORT", "value": METRICS_PORT.to_string()}),
+    ];
+    env.push(json!({"name": "LOG_FORMAT", "value": "json"}));
+    let mut container = json!({
+        "name": "consumer",
+        "image": s.image,
+        "args": ["run"],
+        "env": env,
+        "envFrom": kafka_env_from(p),
+        "ports": [{"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}],
+        "livenessProbe": {"httpGet": {"path": "/livez", "port": "metrics"}, "periodSeconds": 10, "failureThreshold": 3},
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 5, "failureThreshold": 2},
+        "securityContext": container_security_context(),
+    });
+    if let Some(r) = &s.resources {
+        container["resources"] = json!({"requests": r.requests, "limits": r.limits});
+    }
+    let mut spec = json!({
+        "selector": {"matchLabels": selector_labels(p, "consumer")},
+        "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+        "template": {
+            "metadata": {"labels": labels(p, "consumer")},
+            "spec": {
+                "terminationGracePeriodSeconds": TERMINATION_GRACE_SECS,
+                "securityContext": pod_security_context(),
+                "containers": [container],
+            },
+        },
+    });
+    if let Some(n) = replicas {
+        spec["replicas"] = json!(n);
+    }
+    typed(
+        "Deployment",
+        json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": metadata(p, &consumer_name(p), "consumer")?,
+            "spec": spec,
+        }),
+    )
+}
+
+/// Service in front of the metrics port (scraped via the ServiceMonitor or annotations).
+pub fn service(p: &AnalyticsPipeline) -> Result<Service, BuildError> {
+    typed(
+        "Service",
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": metadata(p, &consumer_name(p), "consumer")?,
+            "spec": {
+                "selector": selector_labels(p, "consumer"),
+                "ports": [{"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"}],
+            },
+        }),
+    )
+}
+
+/// API resource of the Prometheus Operator's ServiceMonitor.
+pub fn service_monitor_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("monitoring.coreos.com", "v1", "ServiceMonitor"),
+        "servicemonitors",
+    )
+}
+
+/// API resource of KEDA's ScaledObject.
+pub fn scaled_object_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("keda.sh", "v1alpha1", "ScaledObject"),
+        "scaledobjects",
+    )
+}
+
+fn dynamic(ar: &ApiResource, kind: &'static str, v: Value) -> Result<DynamicObject, BuildError> {
+    let mut obj: DynamicObject = typed(kind, v)?;
+    obj.types =
+        Some(kube::api::TypeMeta { api_version: ar.api_version.clone(), kind: ar.kind.clone() });
+    Ok(obj)
+}
+
+/// ServiceMonitor for the Prometheus Operator (applied only when that API exists).
+pub fn service_monitor(p: &AnalyticsPipeline) -> Result<DynamicObject, BuildError> {
+    let ar = service_monitor_resource();
+    dynamic(
+        &ar,
+        "ServiceMonitor",
+        json!({
+            "apiVersion": ar.api_version,
+            "kind": ar.kind,
+            "metadata": metadata(p, &consumer_name(p), "consumer")?,
+            "spec": {
+                "selector": {"matchLabels": selector_labels(p, "consumer")},
+                "endpoints": [{"port": "metrics", "path": "/metrics", "interval": "30s"}],
+            },
+        }),
+    )
+}
+
+/// HPA on the per-pod `analytics_consumer_lag_sum` metric (summed over pods it is the group lag),
+/// so `averageValue` is the lag one replica should carry.
+pub fn hpa(
+    p: &AnalyticsPipeline,
+    plan: ReplicaPlan,
+) -> Result<HorizontalPodAutoscaler, BuildError> {
+    typed(
+        "HorizontalPodAutoscaler",
+        json!({
+            "apiVersion": "autoscaling/v2",
+            "kind": "HorizontalPodAutoscaler",
+            "metadata": metadata(p, &consumer_name(p), "consumer")?,
+            "spec": {
+                "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": consumer_name(p)},
+                "minReplicas": plan.min,
+                "maxReplicas": plan.max,
+                "metrics": [{
+                    "type": "Pods",
+                    "pods": {
+                        "metric": {"name": "analytics_consumer_lag_sum"},
+                        "target": {"type": "AverageValue", "averageValue": p.spec.autoscaling.lag_per_replica.to_string()},
+                    },
+                }],
+                "behavior": {"scaleDown": {"stabilizationWindowSeconds": 300}},
+            },
+        }),
+    )
+}
+
+/// KEDA ScaledObject with one Kafka trigger per topic (KEDA scales on the largest).
+pub fn scaled_object(
+    p: &AnalyticsPipeline,
+    plan: ReplicaPlan,
+) -> Result<DynamicObject, BuildError> {
+    let ar = scaled_object_resource();
+    let k = &p.spec.kafka;
+    let triggers: Vec<Value> = k
+        .topics
+        .iter()
+        .map(|t| {
+            json!({
+                "type": "kafka",
+                "metadata": {
+                    "bootstrapServers": k.brokers,
+                    "consumerGroup": k.group_id,
+                    "topic": t,
+                    "lagThreshold": p.spec.autoscaling.lag_per_replica.to_string(),
+                },
+            })
+        })
+        .collect();
+    dynamic(
+        &ar,
+        "ScaledObject",
+        json!({
+            "apiVersion": ar.api_version,
+            "kind": ar.kind,
+            "metadata": metadata(p, &consumer_name(p), "consumer")?,
+            "spec": {
+                "scaleTargetRef": {"name": consumer_name(p)},
+                "minReplicaCount": plan.min,
+                "maxReplicaCount": plan.max,
+                "triggers": triggers,
+            },
+        }),
+    )
+}
+
+/// Keeps all but one consumer up during voluntary disruptions (node drains).
+pub fn pdb(p: &AnalyticsPipeline) -> Result<PodDisruptionBudget, BuildError> {
+    typed(
+        "PodDisruptionBudget",
+        json!({
+            "apiVersion": "policy/v1",
+            "kind": "PodDisruptionBudget",
+            "metadata": metadata(p, &consumer_name(p), "consumer")?,
+            "spec": {
+                "maxUnavailable": 1,
+                "selector": {"matchLabels": selector_labels(p, "consumer")},
+            },
+        }),
+    )
+}
+
+/// The autoscaler kind in use, for callers that must delete or apply it.
+pub fn autoscaler_kind(p: &AnalyticsPipeline) -> AutoscalerKind {
+    p.spec.autoscaling.kind
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::operator::crd::AnalyticsPipelineSpec;
+
+    /// A pipeline as read from the API server (with uid), shared by the operator's tests.
+    pub(crate) fn pipeline() -> AnalyticsPipeline {
+        let spec: AnalyticsPipelineSpec = serde_json::from_value(json!({
+            "kafka": {"brokers": "kafka:9092", "topics": ["user-events"], "groupId": "analytics-service"},
+            "database": {"secretRef": {"name": "analytics-db"}},
+            "image": "ghcr.io/nexuscore/nexus-analytics:0.1.0",
+            "replicas": {"min": 2, "max": 10},
+        }))
+        .expect("valid spec literal");
+        let mut p = AnalyticsPipeline::new("events", spec);
+        p.metadata.namespace = Some("analytics".into());
+        p.metadata.uid = Some("0d6b7a2e-1111-2222-3333-444455556666".into());
+        p.metadata.generation = Some(1);
+        p
+    }
+
+    #[test]
+    fn spec_defaults_apply() {
+        let p = pipeline();
+        assert_eq!(p.spec.database.secret_ref.key, "DATABASE_URL");
+        assert_eq!(p.spec.autoscaling.kind, AutoscalerKind::Hpa);
+        assert_eq!(p.spec.autoscaling.lag_per_replica, 1000);
+        assert!(!p.spec.paused && !p.spec.service_monitor);
+    }
+
+    #[test]
+    fn plan_caps_at_partitions() {
+        let r = ReplicasSpec { min: 2, max: 10 };
+        assert_eq!(plan_replicas(&r, Some(6)), ReplicaPlan { min: 2, max: 6, capped: true });
+        assert_eq!(plan_replicas(&r, Some(12)), ReplicaPlan { min: 2, max: 10, capped: false });
+        assert_eq!(plan_replicas(&r, Some(10)), ReplicaPlan { min: 2, max: 10, capped: false });
+        assert_eq!(plan_replicas(&r, None), ReplicaPlan { min: 2, max: 10, capped: false });
+        // Fewer partitions than the minimum: the minimum follows, never above max.
+        assert_eq!(plan_replicas(&r, Some(1)), ReplicaPlan { min: 1, max: 1, capped: true });
+        // A zero count (topic missing) is treated as unknown rather than scaling to nothing.
+        assert_eq!(plan_replicas(&r, Some(0)), ReplicaPlan { min: 2, max: 10, capped: false });
+        // max below min is lifted to min.
+        let bad = ReplicasSpec { min: 3, max: 1 };
+        assert_eq!(plan_replicas(&bad, None), ReplicaPlan { min: 3, max: 3, capped: false });
+    }
+
+    #[test]
+    fn deployment_uses_contract_env_and_probes() {
+        let p = pipeline();
+        let d = serde_json::to_value(deployment(&p, None).expect("builds")).expect("json");
+        assert_eq!(d["metadata"]["ownerReferences"][0]["kind"], "AnalyticsPipeline");
+        assert_eq!(d["metadata"]["ownerReferences"][0]["controller"], true);
+        assert!(d["spec"].get("replicas").is_none(), "autoscaler owns replicas");
+        let c = &d["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(c["args"], json!(["run"]));
+        let env = c["env"].as_array().expect("env");
+        let get = |n: &str| env.iter().find(|e| e["name"] == n).cloned();
+        assert_eq!(
+            get("DATABASE_URL").expect("db")["valueFrom"]["secretKeyRef"],
+            json!({"name": "analytics-db", "key": "DATABASE_URL"})
+        );
+        assert_eq!(get("KAFKA_BROKERS").expect("b")["value"], "kafka:9092");
+        assert_eq!(get("KAFKA_TOPICS").expect("t")["value"], "user-events");
+        assert_eq!(get("KAFKA_GROUP_ID").expect("g")["value"], "analytics-service");
+        assert_eq!(get("METRICS_PORT").expect("m")["value"], "9090");
+        assert_eq!(c["livenessProbe"]["httpGet"], json!({"path": "/livez", "port": "metrics"}));
+        assert_eq!(c["readinessProbe"]["httpGet"], json!({"path": "/readyz", "port": "metrics"}));
+        assert_eq!(c["ports"][0]["name"], "metrics");
+        assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+        assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
+        assert_eq!(c["securityContext"]["runAsNonRoot"], true);
+        assert_eq!(c["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+        assert!(d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"].as_i64() > Some(20));
+
+        let zero = serde_json::to_value(deployment(&p, Some(0)).expect("builds")).expect("json");
+        assert_eq!(zero["spec"]["replicas"], 0);
+    }
+
+    #[test]
+    fn kafka_secret_becomes_prefixed_env_from() {
+        let mut p = pipeline();
+        p.spec.kafka.secret_ref =
+            Some(crate::operator::crd::SecretRef { name: "kafka-auth".into() });
+        let d = serde_json::to_value(deployment(&p, None).expect("builds")).expect("json");
+        assert_eq!(
+            d["spec"]["template"]["spec"]["containers"][0]["envFrom"],
+            json!([{"prefix": "KAFKA_PROPERTY_", "secretRef": {"name": "kafka-auth"}}])
+        );
+    }
+
+    #[test]
+    fn migration_job_runs_migrate_and_is_named_per_image() {
+        let mut p = pipeline();
+        let j = serde_json::to_value(migration_job(&p).expect("builds")).expect("json");
+        let name = j["metadata"]["name"].as_str().expect("name").to_owned();
+        assert!(name.starts_with("events-migrate-"), "{name}");
+        let c = &j["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(c["args"], json!(["migrate"]));
+        assert_eq!(j["spec"]["template"]["spec"]["restartPolicy"], "Never");
+        p.spec.image = "ghcr.io/nexuscore/nexus-analytics:0.2.0".into();
+        assert_ne!(migration_job_name(&p), name, "a new image gets a new Job");
+        p.metadata.name = Some("x".repeat(80));
+        assert!(migration_job_name(&p).len() <= 63 - 6);
+    }
+
+    #[test]
+    fn hpa_and_scaled_object_carry_the_plan() {
+        let p = pipeline();
+        let plan = ReplicaPlan { min: 2, max: 6, capped: true };
+        let h = serde_json::to_value(hpa(&p, plan).expect("builds")).expect("json");
+        assert_eq!(h["spec"]["maxReplicas"], 6);
+        assert_eq!(h["spec"]["minReplicas"], 2);
+        assert_eq!(h["spec"]["metrics"][0]["pods"]["metric"]["name"], "analytics_consumer_lag_sum");
+        assert_eq!(h["spec"]["metrics"][0]["pods"]["target"]["averageValue"], "1000");
+        let so = serde_json::to_value(scaled_object(&p, plan).expect("builds")).expect("json");
+        assert_eq!(so["apiVersion"], "keda.sh/v1alpha1");
+        assert_eq!(so["kind"], "ScaledObject");
+        assert_eq!(so["spec"]["maxReplicaCount"], 6);
+        assert_eq!(so["spec"]["triggers"][0]["metadata"]["topic"], "user-events");
+        assert_eq!(so["spec"]["triggers"][0]["metadata"]["lagThreshold"], "1000");
+    }
+
+    #[test]
+    fn service_pdb_and_monitor_select_consumers() {
+        let p = pipeline();
+        let sel = json!(selector_labels(&p, "consumer"));
+        let s = serde_json::to_value(service(&p).expect("builds")).expect("json");
+        assert_eq!(s["spec"]["selector"], sel);
+        assert_eq!(s["spec"]["ports"][0]["port"], 9090);
+        let b = serde_json::to_value(pdb(&p).expect("builds")).expect("json");
+        assert_eq!(b["spec"]["selector"]["matchLabels"], sel);
+        let m = serde_json::to_value(service_monitor(&p).expect("builds")).expect("json");
+        assert_eq!(m["apiVersion"], "monitoring.coreos.com/v1");
+        assert_eq!(m["spec"]["endpoints"][0]["port"], "metrics");
+        assert_eq!(
+            consumer_selector(&p),
+            "app.kubernetes.io/component=consumer,app.kubernetes.io/instance=events,app.kubernetes.io/name=nexus-analytics"
+        );
+    }
+
+    #[test]
+    fn builders_refuse_objects_without_uid() {
+        let mut p = pipeline();
+        p.metadata.uid = None;
+        assert!(matches!(deployment(&p, None), Err(BuildError::MissingMetadata(_))));
+    }
+
+    #[test]
+    fn crd_yaml_names_group_kind_and_shortname() {
+        let y = crate::operator::crd::crd_yaml();
+        assert!(y.contains("name: analyticspipelines.analytics.nexuscore.io"), "{y}");
+        assert!(y.contains("kind: AnalyticsPipeline"));
+        assert!(y.contains("- ap"));
+        assert!(y.contains("scope: Namespaced"));
+        assert!(y.contains("v1alpha1"));
+    }
+}
