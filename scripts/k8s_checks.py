@@ -6,7 +6,14 @@
         (env[].name, and the keys of ConfigMaps/Secrets pulled in with envFrom)
         must be one the binary reads: a line of ALLOWED_FILE (the output of
         `nexus-analytics env-vars`); a line ending in '*' is a prefix, and
-        KAFKA_PROPERTY_* (librdkafka pass-through) is always allowed.
+        KAFKA_PROPERTY_* (librdkafka pass-through) is always allowed. The
+        operator container may also set POD_NAME (read by src/operator/mod.rs
+        for its Events, not listed by `env-vars`).
+    k8s_checks.py operator-rbac CLUSTER_RENDER.yaml NAMESPACED_RENDER.yaml WATCH_NS
+        The operator's RBAC: a ClusterRole + ClusterRoleBinding in the first
+        render, a Role + RoleBinding in WATCH_NS in the second, with the same
+        rules, no wildcard, bound to the operator Deployment's ServiceAccount,
+        and `--namespace WATCH_NS` exactly when namespaced.
     k8s_checks.py values-table VALUES.yaml
         Print the README table of every value documented with a '# --' comment.
     k8s_checks.py values-doc VALUES.yaml README.md
@@ -33,8 +40,10 @@ import sys
 import yaml
 
 OUR_NAME = "nexus-analytics"
-OUR_COMPONENTS = {"consumer", "migrations"}
+OUR_COMPONENTS = {"consumer", "migrations", "operator"}
 ALWAYS_ALLOWED_PREFIXES = ("KAFKA_PROPERTY_",)
+# Variables a component reads outside the Settings that `env-vars` lists.
+EXTRA_ALLOWED = {"operator": {"POD_NAME"}}
 
 
 def load_docs(paths):
@@ -82,6 +91,7 @@ def cmd_env_drift(allowed_file, rendered):
             continue
         workloads += 1
         where = f"{doc['kind']}/{doc['metadata']['name']}"
+        extra = EXTRA_ALLOWED.get(labels.get("app.kubernetes.io/component"), set())
         for c in (spec.get("initContainers") or []) + (spec.get("containers") or []):
             names = [e["name"] for e in c.get("env") or []]
             for src in c.get("envFrom") or []:
@@ -96,7 +106,7 @@ def cmd_env_drift(allowed_file, rendered):
                         names.extend(prefix + k for k in keys)
             for n in names:
                 seen.add(n)
-                if n not in exact and not n.startswith(tuple(prefixes)):
+                if n not in exact and n not in extra and not n.startswith(tuple(prefixes)):
                     bad.setdefault(n, set()).add(where)
     if workloads == 0:
         problems.append("no nexus-analytics workload found in the rendered manifests")
@@ -109,6 +119,86 @@ def cmd_env_drift(allowed_file, rendered):
     unused = sorted(exact - seen)
     print(f"ok   {len(seen)} variables across {workloads} workloads are all read by the binary"
           + (f"; binary also reads (not set by the chart): {' '.join(unused)}" if unused else ""))
+    return 0
+
+
+# ---------------------------------------------------------------- operator RBAC
+
+def _operator_parts(path):
+    docs = load_docs([path])
+    comp = lambda d: ((d.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/component")
+    ops = [d for d in docs if comp(d) == "operator"]
+    by_kind = {}
+    for d in ops:
+        by_kind.setdefault(d["kind"], []).append(d)
+    return by_kind
+
+
+def _norm_rules(rules):
+    return sorted(
+        (tuple(sorted(r.get("apiGroups") or [])), tuple(sorted(r.get("resources") or [])),
+         tuple(sorted(r.get("verbs") or [])), tuple(sorted(r.get("resourceNames") or [])),
+         tuple(sorted(r.get("nonResourceURLs") or [])))
+        for r in rules
+    )
+
+
+def cmd_operator_rbac(cluster_render, ns_render, watch_ns):
+    problems = []
+    rules = {}
+    for path, role_kind, binding_kind, ns in (
+        (cluster_render, "ClusterRole", "ClusterRoleBinding", None),
+        (ns_render, "Role", "RoleBinding", watch_ns),
+    ):
+        parts = _operator_parts(path)
+        where = path.rsplit("/", 1)[-1]
+        kinds = {k: len(v) for k, v in parts.items()}
+        want = {"ServiceAccount": 1, "Deployment": 1, role_kind: 1, binding_kind: 1}
+        if kinds != want:
+            problems.append(f"{where}: operator objects {kinds}, want {want}")
+            continue
+        role, binding = parts[role_kind][0], parts[binding_kind][0]
+        sa, dep = parts["ServiceAccount"][0], parts["Deployment"][0]
+        for obj in (role, binding):
+            if obj["metadata"].get("namespace") != ns:
+                problems.append(f"{where}: {obj['kind']} namespace {obj['metadata'].get('namespace')!r}, want {ns!r}")
+        for r in role.get("rules") or []:
+            for field in ("apiGroups", "resources", "verbs"):
+                if "*" in (r.get(field) or []):
+                    problems.append(f"{where}: wildcard in {field} of {r}")
+            if r.get("nonResourceURLs"):
+                problems.append(f"{where}: unexpected nonResourceURLs {r['nonResourceURLs']}")
+        rules[role_kind] = _norm_rules(role.get("rules") or [])
+        ref = binding["roleRef"]
+        if (ref["kind"], ref["name"]) != (role_kind, role["metadata"]["name"]):
+            problems.append(f"{where}: {binding_kind} refers to {ref['kind']}/{ref['name']}")
+        subj = {(s["kind"], s["name"], s.get("namespace")) for s in binding.get("subjects") or []}
+        want_subj = {("ServiceAccount", sa["metadata"]["name"], sa["metadata"]["namespace"])}
+        if subj != want_subj:
+            problems.append(f"{where}: {binding_kind} subjects {subj}, want {want_subj}")
+        spec = dep["spec"]
+        pod = spec["template"]["spec"]
+        if pod.get("serviceAccountName") != sa["metadata"]["name"]:
+            problems.append(f"{where}: operator Deployment runs as {pod.get('serviceAccountName')!r}")
+        if spec.get("replicas") != 1 or (spec.get("strategy") or {}).get("type") != "Recreate":
+            problems.append(f"{where}: operator Deployment must have 1 replica and Recreate (no leader election)")
+        args = pod["containers"][0].get("args") or []
+        if args[:3] != ["operator", "--port", "8080"]:
+            problems.append(f"{where}: operator args {args}")
+        if ns:
+            has_ns = "--namespace" in args and args[args.index("--namespace") + 1] == ns
+        else:
+            has_ns = "--namespace" in args
+        if (ns is not None) != has_ns:
+            problems.append(f"{where}: operator args {args} (namespace scoping {ns!r})")
+    if len(rules) == 2 and rules["ClusterRole"] != rules["Role"]:
+        problems.append("ClusterRole and Role rules differ")
+    if problems:
+        for p in problems:
+            print(f"FAIL {p}")
+        return 1
+    n = len(rules.get("Role", []))
+    print(f"ok   {n} rules, identical in the ClusterRole and the Role in {watch_ns}, no wildcard, bound to the operator's ServiceAccount")
     return 0
 
 
@@ -315,6 +405,7 @@ def main(argv):
         "extract-rules": (lambda a: cmd_extract_rules(a[0], a[1]), 2),
         "adapter-rules": (lambda a: cmd_adapter_rules(a[0], a[1], a[2]), 3),
         "skaffold-refs": (lambda a: cmd_skaffold_refs(a[0]), 1),
+        "operator-rbac": (lambda a: cmd_operator_rbac(a[0], a[1], a[2]), 3),
     }
     if not argv or argv[0] not in cmds or len(argv) - 1 < cmds[argv[0]][1]:
         print(__doc__, file=sys.stderr)

@@ -1,13 +1,17 @@
 #!/usr/bin/env python3
 """Validate custom resources and skaffold.yaml against their real schemas.
 
-    validate_crs.py crs SCHEMA_DIR FILE...     custom resources in FILEs against the CRDs in SCHEMA_DIR
+    validate_crs.py crs SCHEMA_DIR [--crd CRD.yaml]... FILE...
+                                               custom resources in FILEs against the CRDs in SCHEMA_DIR
+                                               and in each --crd file (e.g. one generated at run time
+                                               by `nexus-analytics crd`)
     validate_crs.py skaffold SCHEMA.json FILE  every document of a skaffold.yaml
 
 Custom resources: every document whose apiVersion group is not a built-in
 Kubernetes group is validated against the openAPIV3Schema of the matching CRD
 version found under SCHEMA_DIR (*.yaml CRDs, e.g. prometheus-operator v0.93.0,
-KEDA v2.20.2). The OpenAPI v3 structural schema is turned into JSON Schema:
+KEDA v2.20.2) or given with --crd. The OpenAPI v3 structural schema is turned
+into JSON Schema:
 
   * x-kubernetes-int-or-string: true  -> anyOf integer | string
   * nullable: true                    -> the type also admits null
@@ -17,6 +21,9 @@ KEDA v2.20.2). The OpenAPI v3 structural schema is turned into JSON Schema:
   * x-kubernetes-validations (CEL) rules are evaluated for the rules known
     below; an unknown rule on a validated object is reported as a failure so
     a CRD upgrade cannot silently weaken the check.
+  * apiVersion, kind (strings) and metadata (object) are always allowed at the
+    root, as the API server does even when the schema does not list them
+    (kube-derive CRDs list only spec and status).
 
 A custom kind without a CRD in SCHEMA_DIR fails. Built-in kinds are skipped
 (kubernetes-validate covers them). Prints one line per resource; exit 1 on
@@ -107,9 +114,21 @@ def collect_cel(node, path=()):
         yield from collect_cel(sub, path + (name,))
 
 
-def load_crds(schema_dir: str) -> dict:
+ROOT_FIELDS = {"apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": {"type": "object"}}
+
+
+def root_schema(raw: dict) -> dict:
+    """The CRD's schema with the implicit root fields added (see the module docstring)."""
+    raw = copy.deepcopy(raw)
+    props = raw.setdefault("properties", {})
+    for name, schema in ROOT_FIELDS.items():
+        props.setdefault(name, schema)
+    return raw
+
+
+def load_crds(schema_dir: str, extra_files: list[str] = ()) -> dict:
     crds = {}
-    files = sorted(glob.glob(os.path.join(schema_dir, "**", "*.yaml"), recursive=True))
+    files = sorted(glob.glob(os.path.join(schema_dir, "**", "*.yaml"), recursive=True)) + list(extra_files)
     for f in files:
         with open(f) as fh:
             for doc in yaml.safe_load_all(fh):
@@ -120,8 +139,8 @@ def load_crds(schema_dir: str) -> dict:
                     raw = ver["schema"]["openAPIV3Schema"]
                     key = (f"{spec['group']}/{ver['name']}", spec["names"]["kind"])
                     crds[key] = {
-                        "file": os.path.relpath(f, schema_dir),
-                        "schema": convert(copy.deepcopy(raw)),
+                        "file": f if f in extra_files else os.path.relpath(f, schema_dir),
+                        "schema": convert(root_schema(raw)),
                         "cel": list(collect_cel(raw)),
                         "served": ver.get("served", True),
                     }
@@ -142,10 +161,26 @@ def fmt_err(e: jsonschema.ValidationError) -> str:
 
 
 def cmd_crs(schema_dir: str, files: list[str]) -> int:
-    crds = load_crds(schema_dir)
+    extra, rest = [], []
+    it = iter(files)
+    for a in it:
+        if a == "--crd":
+            crd_file = next(it, None)
+            if crd_file is None:
+                print("FAIL --crd needs a file")
+                return 2
+            extra.append(crd_file)
+        else:
+            rest.append(a)
+    files = rest
+    crds = load_crds(schema_dir, extra)
     if not crds:
         print(f"FAIL no CRDs found under {schema_dir}")
         return 1
+    for f in extra:
+        if not any(c["file"] == f for c in crds.values()):
+            print(f"FAIL {f} holds no CustomResourceDefinition")
+            return 1
     failed = checked = 0
     for f in files:
         with open(f) as fh:

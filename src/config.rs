@@ -43,6 +43,16 @@ pub const ENV_VARS: &[&str] = &[
     "RUST_LOG",
     "OTEL_EXPORTER_OTLP_ENDPOINT",
     "OTEL_SERVICE_NAME",
+    "API_PORT",
+    "API_TOKEN",
+    "API_DATABASE_URL",
+    "PARTITION_INTERVAL",
+    "PARTITIONS_AHEAD",
+    "RETENTION_DAYS",
+    "MAINTENANCE_INTERVAL",
+    "ROUTING_RULES",
+    // Read by `nexus-analytics operator` only (the pod name it reports events as).
+    "POD_NAME",
 ];
 
 /// How log lines are written.
@@ -53,6 +63,16 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line, for log shippers.
     Json,
+}
+
+/// Width of one `analytics.events` partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PartitionInterval {
+    /// One partition per UTC day.
+    Day,
+    /// One partition per UTC month.
+    Month,
 }
 
 /// A value that must never be printed: `Debug` and `Display` show `***`.
@@ -150,6 +170,22 @@ pub struct Settings {
     pub log_level: String,
     /// OTLP/HTTP endpoint for spans; unset means no span export.
     pub otel_exporter_otlp_endpoint: Option<String>,
+    /// Port of the query API (`/api/v1/...`), separate from the metrics port.
+    pub api_port: u16,
+    /// When set, every API request must carry `Authorization: Bearer <token>`.
+    pub api_token: Option<Secret>,
+    /// Read-only connection for the API; defaults to `DATABASE_URL`.
+    pub api_database_url: Option<Secret>,
+    /// `day` or `month`.
+    pub partition_interval: PartitionInterval,
+    /// Partitions created ahead of the current one.
+    pub partitions_ahead: u32,
+    /// Drop event partitions entirely older than this many days; unset keeps everything.
+    pub retention_days: Option<u32>,
+    /// How often partition maintenance runs, e.g. `1h`, `15m`, `3600s`.
+    pub maintenance_interval: String,
+    /// Filtering and routing rules as a JSON array (see [`crate::routing`]).
+    pub routing_rules: Option<String>,
 }
 
 impl Default for Settings {
@@ -176,6 +212,14 @@ impl Default for Settings {
             log_format: LogFormat::Text,
             log_level: "info".into(),
             otel_exporter_otlp_endpoint: None,
+            api_port: 8080,
+            api_token: None,
+            api_database_url: None,
+            partition_interval: PartitionInterval::Day,
+            partitions_ahead: 7,
+            retention_days: None,
+            maintenance_interval: "1h".into(),
+            routing_rules: None,
         }
     }
 }
@@ -297,7 +341,48 @@ impl Settings {
         }
         tracing_subscriber::EnvFilter::try_new(&self.log_level)
             .map_err(|e| invalid("LOG_LEVEL", e.to_string()))?;
+        if let Some(url) = &self.api_database_url {
+            let parsed = url::Url::parse(url.expose())
+                .map_err(|e| invalid("API_DATABASE_URL", format!("not a URL ({e})")))?;
+            if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+                return Err(invalid(
+                    "API_DATABASE_URL",
+                    "scheme must be postgres:// or postgresql://",
+                ));
+            }
+        }
+        if self.api_port == self.metrics_port {
+            return Err(invalid("API_PORT", "must differ from METRICS_PORT"));
+        }
+        if self.api_token.as_ref().is_some_and(|t| t.expose().trim().is_empty()) {
+            return Err(invalid("API_TOKEN", "must not be empty when set"));
+        }
+        if self.partitions_ahead > 366 {
+            return Err(invalid("PARTITIONS_AHEAD", "must be at most 366"));
+        }
+        if self.retention_days == Some(0) {
+            return Err(invalid(
+                "RETENTION_DAYS",
+                "must be at least 1 (unset it to keep everything)",
+            ));
+        }
+        self.maintenance_interval()?;
+        self.routing_rules()?;
         Ok(())
+    }
+
+    /// The maintenance period.
+    pub fn maintenance_interval(&self) -> Result<Duration, ConfigError> {
+        parse_duration(&self.maintenance_interval).ok_or_else(|| ConfigError::Invalid {
+            setting: "MAINTENANCE_INTERVAL".into(),
+            reason: "expected a positive duration such as 30s, 15m, 1h or 1d".into(),
+        })
+    }
+
+    /// The routing rules, parsed and checked.
+    pub fn routing_rules(&self) -> Result<crate::routing::Rules, ConfigError> {
+        crate::routing::Rules::parse(self.routing_rules.as_deref().unwrap_or("[]"))
+            .map_err(|reason| ConfigError::Invalid { setting: "ROUTING_RULES".into(), reason })
     }
 
     /// The topics to subscribe to.
@@ -320,6 +405,22 @@ impl Settings {
     pub fn batch_linger(&self) -> Duration {
         Duration::from_millis(self.batch_linger_ms)
     }
+}
+
+/// Parses `90`, `90s`, `15m`, `1h` or `1d`; zero and garbage yield `None`.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().ok().filter(|n| *n > 0)?;
+    let seconds = match unit.trim() {
+        "" | "s" => n,
+        "m" => n.checked_mul(60)?,
+        "h" => n.checked_mul(3600)?,
+        "d" => n.checked_mul(86_400)?,
+        _ => return None,
+    };
+    Some(Duration::from_secs(seconds))
 }
 
 /// Replaces the password in a URL with `***`; unparsable input is hidden entirely.
@@ -407,6 +508,31 @@ mod tests {
             let err = Settings::from_figment(Settings::figment()).unwrap_err().to_string();
             assert!(err.starts_with("invalid setting DATABASE_URL"), "{err}");
             assert!(!err.contains("hunter2"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("15m"), Some(Duration::from_secs(900)));
+        assert_eq!(parse_duration("90"), Some(Duration::from_secs(90)));
+        assert_eq!(parse_duration("2d"), Some(Duration::from_secs(172_800)));
+        for bad in ["", "0", "h", "1y", "-1h", "1.5h"] {
+            assert_eq!(parse_duration(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn invalid_rules_stop_start_up_naming_the_setting() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.set_env(
+                "ROUTING_RULES",
+                r#"[{"name":"x","event_type":"user.*","action":"teleport"}]"#,
+            );
+            let err = Settings::from_figment(Settings::figment()).unwrap_err().to_string();
+            assert!(err.starts_with("invalid setting ROUTING_RULES"), "{err}");
             Ok(())
         });
     }

@@ -28,6 +28,17 @@ pub struct DeadLetter {
     pub rejection: Rejection,
 }
 
+/// A record a routing rule copies to another topic.
+#[derive(Debug, Clone)]
+pub struct Forward {
+    /// The source record, as consumed.
+    pub record: OwnedMessage,
+    /// Destination topic.
+    pub topic: String,
+    /// The rule that matched.
+    pub rule: String,
+}
+
 /// The result of [`DeadLetterSink::send_all`].
 #[derive(Debug, Default)]
 pub struct SendOutcome {
@@ -39,7 +50,8 @@ pub struct SendOutcome {
     pub error: Option<KafkaError>,
 }
 
-/// Produces dead letters and waits for their acknowledgement.
+/// Produces dead letters (and routing copies) and waits for their acknowledgement. One
+/// idempotent producer per process serves both.
 pub struct DeadLetterSink {
     producer: FutureProducer,
     topic: String,
@@ -113,38 +125,93 @@ impl DeadLetterSink {
         truncate: bool,
     ) -> Result<rdkafka::producer::DeliveryFuture, KafkaError> {
         let record = &letter.record;
-        let value = record.payload().unwrap_or_default();
-        let value = if truncate { &value[..value.len().min(TRUNCATED_VALUE_BYTES)] } else { value };
+        let original_size = record.payload().map_or(0, <[u8]>::len).to_string();
+        let mut extra = vec![
+            ("dlq.reason", letter.rejection.reason.as_str().to_string()),
+            ("dlq.error", letter.rejection.detail.clone()),
+            ("dlq.source.topic", record.topic().to_string()),
+            ("dlq.source.partition", record.partition().to_string()),
+            ("dlq.source.offset", record.offset().to_string()),
+            (
+                "dlq.source.timestamp",
+                record.timestamp().to_millis().map(|t| t.to_string()).unwrap_or_default(),
+            ),
+            ("dlq.consumer.group", self.group_id.clone()),
+        ];
+        if truncate {
+            extra.push(("dlq.value.truncated.from", original_size));
+        }
+        self.copy(record, &self.topic, &extra, truncate)
+    }
+
+    /// Enqueues a copy of `record` (key, value, headers) to `topic` with `extra` headers.
+    fn copy(
+        &self,
+        record: &OwnedMessage,
+        topic: &str,
+        extra: &[(&str, String)],
+        truncate: bool,
+    ) -> Result<rdkafka::producer::DeliveryFuture, KafkaError> {
         let mut headers = OwnedHeaders::new();
         if let Some(original) = record.headers() {
             for h in original.iter() {
                 headers = headers.insert(Header { key: h.key, value: h.value });
             }
         }
-        let partition = record.partition().to_string();
-        let offset = record.offset().to_string();
-        let timestamp = record.timestamp().to_millis().map(|t| t.to_string()).unwrap_or_default();
-        let original_size = record.payload().map_or(0, <[u8]>::len).to_string();
-        let mut add = |key: &str, value: &str| {
-            headers =
-                std::mem::take(&mut headers).insert(Header { key, value: Some(value.as_bytes()) });
-        };
-        add("dlq.reason", letter.rejection.reason.as_str());
-        add("dlq.error", &letter.rejection.detail);
-        add("dlq.source.topic", record.topic());
-        add("dlq.source.partition", &partition);
-        add("dlq.source.offset", &offset);
-        add("dlq.source.timestamp", &timestamp);
-        add("dlq.consumer.group", &self.group_id);
-        if truncate {
-            add("dlq.value.truncated.from", &original_size);
+        for (key, value) in extra {
+            headers = headers.insert(Header { key, value: Some(value.as_bytes()) });
         }
-        let mut out: FutureRecord<'_, [u8], [u8]> =
-            FutureRecord::to(&self.topic).payload(value).headers(headers);
+        let mut out: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
+        // A null value (tombstone) stays null.
+        if let Some(value) = record.payload() {
+            out = out.payload(if truncate {
+                &value[..value.len().min(TRUNCATED_VALUE_BYTES)]
+            } else {
+                value
+            });
+        }
         if let Some(key) = record.key() {
             out = out.key(key);
         }
         self.producer.send_result(out).map_err(|(e, _)| e)
+    }
+
+    /// Forwards copies of records to the topics routing rules name, waiting for every
+    /// acknowledgement; returns the ones to retry. A forwarded copy carries the header
+    /// `routed.rule` and its source coordinates.
+    pub async fn forward_all(&self, forwards: Vec<Forward>) -> (Vec<Forward>, Option<KafkaError>) {
+        let mut pending = Vec::with_capacity(forwards.len());
+        let mut failed = Vec::new();
+        let mut error = None;
+        for f in forwards {
+            let extra = [
+                ("routed.rule", f.rule.clone()),
+                ("routed.source.topic", f.record.topic().to_string()),
+                ("routed.source.partition", f.record.partition().to_string()),
+                ("routed.source.offset", f.record.offset().to_string()),
+            ];
+            match self.copy(&f.record, &f.topic, &extra, false) {
+                Ok(future) => pending.push((f, future)),
+                Err(e) => {
+                    error = Some(e);
+                    failed.push(f);
+                }
+            }
+        }
+        for (f, future) in pending {
+            match future.await {
+                Ok(Ok(_)) => {}
+                Ok(Err((e, _))) => {
+                    error = Some(e);
+                    failed.push(f);
+                }
+                Err(_) => {
+                    error = Some(KafkaError::Canceled);
+                    failed.push(f);
+                }
+            }
+        }
+        (failed, error)
     }
 
     /// Waits for in-flight deliveries (shutdown).

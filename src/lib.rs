@@ -9,6 +9,7 @@
 //! administration (partition counts, offset resets for replays) in [`kafka_admin`].
 #![warn(missing_docs)]
 
+pub mod api;
 pub mod batch;
 pub mod cli;
 pub mod config;
@@ -22,6 +23,7 @@ pub mod kafka_admin;
 pub mod lag;
 pub mod operator;
 pub mod pipeline;
+pub mod routing;
 pub mod startup;
 pub mod storage;
 pub mod telemetry;

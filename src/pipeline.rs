@@ -18,9 +18,10 @@ use tracing::{debug, info, info_span, warn};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::batch::{BatchPolicy, OffsetTracker};
-use crate::dead_letter::{DeadLetter, DeadLetterSink};
+use crate::dead_letter::{DeadLetter, DeadLetterSink, Forward};
 use crate::event::{self, RejectReason, Rejection};
 use crate::health::Status;
+use crate::routing::Rules;
 use crate::storage::{EventStore, StorageError, StoredEvent, WriteOutcome};
 use crate::telemetry::{Metrics, parse_traceparent};
 
@@ -36,6 +37,9 @@ pub enum FlushError {
     /// Dead letters could not be delivered.
     #[error("dead-letter delivery failed: {0}")]
     DeadLetter(String),
+    /// Routing copies could not be delivered.
+    #[error("forwarding failed: {0}")]
+    Forward(String),
 }
 
 #[derive(Default)]
@@ -50,13 +54,20 @@ struct Batch {
     /// Set once the rows are durable, so a retry after a dead-letter failure skips the insert.
     written: Option<WriteOutcome>,
     dead_lettered: Vec<RejectReason>,
+    /// Records consumed into this batch (stored, skipped, forwarded or dead-lettered).
+    offsets_seen: usize,
     /// Producers' trace contexts (W3C `traceparent` headers) the batch span links to.
     links: Vec<SpanContext>,
+    /// Copies routing rules send elsewhere (before the offsets commit).
+    forwards: Vec<Forward>,
+    /// Events routing rules decided on, per rule; and how many were skipped.
+    rule_hits: HashMap<String, u64>,
+    skipped: u64,
 }
 
 impl Batch {
     fn len(&self) -> usize {
-        self.rows.len() + self.dead.len() + self.dead_lettered.len()
+        self.offsets_seen
     }
 
     fn is_empty(&self) -> bool {
@@ -77,6 +88,17 @@ pub struct FlushReport {
     pub dead_lettered: usize,
 }
 
+/// How records are batched, bounded and routed.
+#[derive(Debug, Clone)]
+pub struct PipelineOptions {
+    /// When a batch is written.
+    pub policy: BatchPolicy,
+    /// Larger records are dead-lettered.
+    pub max_event_bytes: usize,
+    /// Filtering and routing rules.
+    pub rules: Rules,
+}
+
 /// Turns consumed records into durable rows and committed offsets.
 pub struct Pipeline {
     store: EventStore,
@@ -85,6 +107,7 @@ pub struct Pipeline {
     status: Arc<Status>,
     policy: BatchPolicy,
     max_event_bytes: usize,
+    rules: Rules,
     runtime: tokio::runtime::Handle,
     batch: Mutex<Batch>,
 }
@@ -96,10 +119,10 @@ impl Pipeline {
         dead_letters: DeadLetterSink,
         metrics: Arc<Metrics>,
         status: Arc<Status>,
-        policy: BatchPolicy,
-        max_event_bytes: usize,
+        options: PipelineOptions,
         runtime: tokio::runtime::Handle,
     ) -> Self {
+        let PipelineOptions { policy, max_event_bytes, rules } = options;
         Self {
             store,
             dead_letters,
@@ -107,6 +130,7 @@ impl Pipeline {
             status,
             policy,
             max_event_bytes,
+            rules,
             runtime,
             batch: Mutex::new(Batch::default()),
         }
@@ -142,13 +166,29 @@ impl Pipeline {
                     "Received event: {} from {} (user: {})",
                     event.event_type, event.service, event.user_id
                 );
-                batch.rows.push(StoredEvent {
-                    topic: msg.topic().to_string(),
-                    partition: msg.partition(),
-                    offset: msg.offset(),
-                    event,
-                });
-                batch.sources.push(msg.detach());
+                let decision = self.rules.decide(&event.event_type, &event.service);
+                if let Some(rule) = decision.rule {
+                    *batch.rule_hits.entry(rule.to_string()).or_default() += 1;
+                    if let Some(topic) = decision.forward {
+                        let forward = Forward {
+                            record: msg.detach(),
+                            topic: topic.to_string(),
+                            rule: rule.to_string(),
+                        };
+                        batch.forwards.push(forward);
+                    }
+                }
+                if decision.store {
+                    batch.rows.push(StoredEvent {
+                        topic: msg.topic().to_string(),
+                        partition: msg.partition(),
+                        offset: msg.offset(),
+                        event,
+                    });
+                    batch.sources.push(msg.detach());
+                } else if decision.forward.is_none() {
+                    batch.skipped += 1;
+                }
             }
             Err(rejection) => {
                 warn!(
@@ -173,6 +213,7 @@ impl Pipeline {
         }
         batch.offsets.observe(msg.topic(), msg.partition(), msg.offset());
         batch.bytes += payload.len();
+        batch.offsets_seen += 1;
         batch.first_at.get_or_insert_with(Instant::now);
     }
 
@@ -225,7 +266,14 @@ impl Pipeline {
 
         if batch.written.is_none() {
             let started = Instant::now();
-            let outcome = match self.runtime.block_on(self.store.write(&batch.rows)) {
+            let write = async {
+                if batch.rows.is_empty() {
+                    Ok(WriteOutcome::default())
+                } else {
+                    self.store.write(&batch.rows).await
+                }
+            };
+            let outcome = match self.runtime.block_on(write) {
                 Ok(outcome) => outcome,
                 Err(e) => {
                     self.metrics.record_error("db_unavailable");
@@ -253,6 +301,17 @@ impl Pipeline {
             }
             batch.sources = Vec::new();
             batch.written = Some(outcome);
+        }
+
+        if !batch.forwards.is_empty() {
+            let forwards = std::mem::take(&mut batch.forwards);
+            let (failed, error) = self.runtime.block_on(self.dead_letters.forward_all(forwards));
+            if !failed.is_empty() {
+                batch.forwards = failed;
+                self.metrics.record_error("forward_failed");
+                let error = error.map(|e| e.to_string()).unwrap_or_else(|| "unknown".into());
+                return Err(FlushError::Forward(error));
+            }
         }
 
         if !batch.dead.is_empty() {
@@ -309,6 +368,7 @@ impl Pipeline {
         for reason in &batch.dead_lettered {
             self.metrics.record_dead_letter(*reason);
         }
+        self.metrics.record_routing(&batch.rule_hits, batch.skipped);
         let seconds = first_at.elapsed().as_secs_f64();
         self.metrics.record_batch(report.events, report.inserted, report.duplicates, seconds);
         info!(
@@ -316,6 +376,7 @@ impl Pipeline {
             inserted = report.inserted,
             duplicates = report.duplicates,
             dead_lettered = report.dead_lettered,
+            skipped = batch.skipped,
             statements = outcome.statements,
             partitions = %batch.offsets.partitions().join(","),
             duration_ms = (seconds * 1000.0) as u64,

@@ -16,7 +16,7 @@ use crate::consumer::{self, client_config};
 use crate::dead_letter::DeadLetterSink;
 use crate::health::Status;
 use crate::http::{self, AppState};
-use crate::pipeline::Pipeline;
+use crate::pipeline::{Pipeline, PipelineOptions};
 use crate::storage::EventStore;
 use crate::telemetry::Metrics;
 
@@ -57,13 +57,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         max_bytes: settings.batch_max_bytes,
         linger: settings.batch_linger(),
     };
+    let rules = settings.routing_rules()?;
+    for rule in rules.names() {
+        metrics.register_rule(rule);
+    }
     let pipeline = Arc::new(Pipeline::new(
         store.clone(),
         dead_letters,
         metrics.clone(),
         status.clone(),
-        policy,
-        settings.max_event_bytes,
+        PipelineOptions { policy, max_event_bytes: settings.max_event_bytes, rules },
         tokio::runtime::Handle::current(),
     ));
     let consumer =

@@ -1,8 +1,8 @@
 //! PostgreSQL storage: migrations, the idempotent batch insert, and health pings.
 //!
 //! A batch is one `INSERT … SELECT FROM UNNEST(…) ON CONFLICT DO NOTHING` statement, so it is
-//! one transaction and a redelivered record (same topic/partition/offset) is skipped, not
-//! doubled. When PostgreSQL rejects a batch because of its data, the batch is split in halves
+//! one transaction and a redelivered record (same topic/partition/offset/timestamp) is skipped,
+//! not doubled; the same statement adds the rows it inserted to `analytics.event_counts`. When PostgreSQL rejects a batch because of its data, the batch is split in halves
 //! until the offending rows are isolated; the rest is stored.
 
 use std::time::{Duration, Instant};
@@ -16,6 +16,9 @@ use crate::event::Event;
 /// Embedded migrations from `migrations/`.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
+/// One statement, one transaction: insert the batch, skip redeliveries, and add exactly the
+/// inserted rows to the per-minute counts. Counts are upserted in key order so concurrent
+/// replicas lock count rows in the same order and cannot deadlock.
 const INSERT_SQL: &str = r#"
 WITH inserted AS (
     INSERT INTO analytics.events
@@ -25,9 +28,17 @@ WITH inserted AS (
                 $6::text[], $7::int4[], $8::int8[])
          AS t(event_type, user_id, service, ts, data, topic, part, off)
     ON CONFLICT DO NOTHING
+    RETURNING event_type, service, "timestamp"
+), counted AS (
+    INSERT INTO analytics.event_counts AS c (bucket, event_type, service, count)
+    SELECT date_trunc('minute', "timestamp", 'UTC'), event_type, service, count(*)
+    FROM inserted
+    GROUP BY 1, 2, 3
+    ORDER BY 1, 2, 3
+    ON CONFLICT (bucket, event_type, service) DO UPDATE SET count = c.count + EXCLUDED.count
     RETURNING 1
 )
-SELECT count(*) FROM inserted
+SELECT (SELECT count(*) FROM inserted)
 "#;
 
 /// An event with the Kafka coordinates that make its write idempotent.

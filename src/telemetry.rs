@@ -30,7 +30,7 @@ pub const MAX_EXTRA_LABEL_VALUES: usize = 50;
 
 /// Why processing failed, beyond record rejections: the `reason` label values.
 pub const OPERATIONAL_ERROR_REASONS: &[&str] =
-    &["db_unavailable", "dead_letter_failed", "kafka_error", "commit_failed"];
+    &["db_unavailable", "dead_letter_failed", "forward_failed", "kafka_error", "commit_failed"];
 
 /// Buckets for per-batch durations: sub-millisecond to tens of seconds.
 const SECONDS_BUCKETS: [f64; 16] = [
@@ -183,6 +183,8 @@ pub struct Metrics {
     batch_size: Histogram<f64>,
     db_write_duration: Histogram<f64>,
     rebalances: Counter<u64>,
+    rule_hits: Counter<u64>,
+    skipped: Counter<u64>,
     event_types: LabelCap,
     services: LabelCap,
 }
@@ -246,6 +248,14 @@ impl Metrics {
                 .u64_counter("analytics_rebalances_total")
                 .with_description("Consumer group rebalances seen by this instance, by kind")
                 .build(),
+            rule_hits: meter
+                .u64_counter("analytics_routing_rule_hits_total")
+                .with_description("Events a routing rule decided on, by rule name")
+                .build(),
+            skipped: meter
+                .u64_counter("analytics_events_skipped_total")
+                .with_description("Events a skip rule kept out of the database (not dead-lettered)")
+                .build(),
             event_types: LabelCap::new(KNOWN_EVENT_TYPES, MAX_EXTRA_LABEL_VALUES),
             services: LabelCap::new(KNOWN_SERVICES, MAX_EXTRA_LABEL_VALUES),
             registry,
@@ -261,6 +271,7 @@ impl Metrics {
             metrics.errors.add(0, &[KeyValue::new("reason", *reason)]);
         }
         metrics.stored.add(0, &[]);
+        metrics.skipped.add(0, &[]);
         metrics.duplicates.add(0, &[]);
         Ok(Arc::new(metrics))
     }
@@ -312,6 +323,21 @@ impl Metrics {
     /// Counts an operational error (one of [`OPERATIONAL_ERROR_REASONS`]).
     pub fn record_error(&self, reason: &'static str) {
         self.errors.add(1, &[KeyValue::new("reason", reason)]);
+    }
+
+    /// Counts routing decisions of a committed batch.
+    pub fn record_routing(&self, hits: &HashMap<String, u64>, skipped: u64) {
+        for (rule, n) in hits {
+            self.rule_hits.add(*n, &[KeyValue::new("rule", rule.clone())]);
+        }
+        if skipped > 0 {
+            self.skipped.add(skipped, &[]);
+        }
+    }
+
+    /// Pre-registers a rule's series at zero (rule names come from configuration: bounded).
+    pub fn register_rule(&self, rule: &str) {
+        self.rule_hits.add(0, &[KeyValue::new("rule", rule.to_string())]);
     }
 
     /// Counts a rebalance (`assign`, `revoke` or `error`).

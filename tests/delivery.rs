@@ -50,6 +50,15 @@ impl Setup {
     fn assert_exactly(&self, n: i64) {
         assert_eq!(self.db.rows(), n, "rows");
         assert_eq!(self.db.distinct_coordinates(), n, "distinct coordinates");
+        assert_eq!(
+            self.db.aggregate_mismatches(),
+            0,
+            "event_counts equal COUNT(*) per minute/type/service"
+        );
+        assert_eq!(
+            self.db.scalar("SELECT coalesce(sum(count), 0)::bigint FROM analytics.event_counts"),
+            n
+        );
     }
 }
 

@@ -308,6 +308,21 @@ impl TestDb {
     }
 }
 
+impl TestDb {
+    /// Rows whose per-minute count in analytics.event_counts differs from COUNT(*) over
+    /// analytics.events grouped the same way (0 when the aggregates are exact).
+    pub fn aggregate_mismatches(&self) -> i64 {
+        self.scalar(
+            r#"SELECT count(*) FROM (
+                 SELECT date_trunc('minute', "timestamp", 'UTC') AS bucket, event_type, service, count(*) AS n
+                 FROM analytics.events GROUP BY 1, 2, 3
+               ) e
+               FULL JOIN analytics.event_counts c USING (bucket, event_type, service)
+               WHERE e.n IS DISTINCT FROM c.count"#,
+        )
+    }
+}
+
 impl Drop for TestDb {
     fn drop(&mut self) {
         let _ = try_run_sql(

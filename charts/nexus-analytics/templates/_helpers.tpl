@@ -115,3 +115,84 @@ one clear message per problem.
 {{- end }}
 {{- end }}
 {{- end }}
+
+{{/* ------------------------------------------------------------ operator */}}
+
+{{- define "nexus-analytics.operatorName" -}}
+{{- printf "%s-operator" (include "nexus-analytics.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Selector labels of the operator pod (component "operator": never matched by the consumer's selectors). */}}
+{{- define "nexus-analytics.operatorSelectorLabels" -}}
+{{ include "nexus-analytics.baseSelectorLabels" . }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{/*
+RBAC rules of the operator: exactly the API calls of src/operator/mod.rs (run) and
+src/operator/reconcile.rs, the same rules for the ClusterRole (all namespaces) and the
+Role (operator.watchNamespace). Discovery of monitoring.coreos.com/v1 at start is a
+non-resource URL granted to every authenticated user by the default system:discovery
+ClusterRoleBinding, so it needs no rule here (and a Role could not hold one).
+*/}}
+{{- define "nexus-analytics.operatorRules" -}}
+# AnalyticsPipelines: the controller's watcher (list + watch); the start-up check is a list
+# with limit 1. The operator never gets, creates, updates or deletes them.
+- apiGroups: ["analytics.nexuscore.io"]
+  resources: ["analyticspipelines"]
+  verbs: ["list", "watch"]
+# Status: server-side apply on the status subresource (patch_status).
+- apiGroups: ["analytics.nexuscore.io"]
+  resources: ["analyticspipelines/status"]
+  verbs: ["patch"]
+# Owned kinds: watched (Controller::owns, list + watch) and server-side applied (patch; an
+# apply that creates the object is also authorized as create).
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["list", "watch", "create", "patch"]
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["list", "watch", "create", "patch"]
+- apiGroups: [""]
+  resources: ["services"]
+  verbs: ["list", "watch", "create", "patch"]
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["list", "watch", "create", "patch"]
+# The HPA is also deleted when a pipeline is paused or replayed (consumers to zero).
+- apiGroups: ["autoscaling"]
+  resources: ["horizontalpodautoscalers"]
+  verbs: ["list", "watch", "create", "patch", "delete"]
+# Applied but not watched: ServiceMonitor (when spec.serviceMonitor and the API existed at
+# start) and KEDA ScaledObject (autoscaling.kind keda; deleted on pause/replay like the HPA).
+- apiGroups: ["monitoring.coreos.com"]
+  resources: ["servicemonitors"]
+  verbs: ["create", "patch"]
+- apiGroups: ["keda.sh"]
+  resources: ["scaledobjects"]
+  verbs: ["create", "patch", "delete"]
+# Replays wait until no consumer pod is left: a list by label selector.
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["list"]
+# spec.kafka.secretRef: read by name for the operator's own Kafka calls (partition counts,
+# offset resets). get only: no list or watch.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get"]
+# Events (kube-runtime Recorder, events.k8s.io/v1): create, patch when an event repeats.
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}
+
+{{/* Checks of the deployment modes (rendered from templates/validate.yaml). */}}
+{{- define "nexus-analytics.validateModes" -}}
+{{- $v := .Values }}
+{{- if and (not $v.consumer.enabled) (not $v.operator.enabled) }}
+{{- fail "consumer.enabled and operator.enabled are both false: nothing to deploy." }}
+{{- end }}
+{{- if and $v.operator.samplePipeline.enabled (not $v.operator.enabled) }}
+{{- fail "operator.samplePipeline.enabled needs operator.enabled (nothing would reconcile the sample AnalyticsPipeline)." }}
+{{- end }}
+{{- end }}
