@@ -10,8 +10,8 @@
 //!
 //! **Errors** always have the shape `{"error": {"code", "message", "parameter"?}}`, where `code`
 //! is one of [`ErrorCode`]'s values and `parameter` names the query or path parameter at fault
-//! (unknown or repeated parameters included). An empty parameter value (`?event_type=`) counts
-//! as leaving the parameter out.
+//! (unknown, repeated and empty parameters included: leave a parameter out rather than send it
+//! empty).
 //!
 //! **Authentication**: when a token is configured (`API_TOKEN`), every route except
 //! `openapi.json` needs `Authorization: Bearer <token>`; the document stays open so tools can
@@ -176,8 +176,8 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
         description = "Read-only access to the events nexus-analytics stored.\n\n\
             Every error has the shape `{\"error\": {\"code\", \"message\", \"parameter\"?}}`; \
             `parameter` names the query or path parameter at fault. Unknown and repeated query \
-            parameters are refused (400). An empty value (`?event_type=`) is the same as leaving \
-            the parameter out. Times are RFC 3339 (`2026-03-01T12:00:00Z`); ranges include \
+            parameters are refused (400), and so are empty values (`?event_type=`): leave the \
+            parameter out instead. Times are RFC 3339 (`2026-03-01T12:00:00Z`); ranges include \
             `from` and exclude `to`.\n\n\
             When the service has `API_TOKEN` set, every operation except this document needs \
             `Authorization: Bearer <token>`."
@@ -300,9 +300,12 @@ impl ApiError {
                         statement_timeout.as_millis()
                     ));
                 }
-                // 08 connection, 53 resources, 57 operator intervention (shutdown), 40 conflicts
-                // on hot standbys, 42P01 a table missing before migrations ran.
-                if ["08", "53", "57", "40"].iter().any(|c| code.starts_with(c)) || code == "42P01" {
+                // 08 connection, 28 login refused, 3D no such database, 53 resources, 57 operator
+                // intervention (shutdown), 40 transaction conflicts (hot standbys), 42P01 a table
+                // missing before migrations ran: none of them is the request's fault.
+                if ["08", "28", "3D", "53", "57", "40"].iter().any(|c| code.starts_with(c))
+                    || code == "42P01"
+                {
                     tracing::warn!(error = %description, "query API: database unavailable");
                     return Self::unavailable("database unavailable; retry later");
                 }
@@ -466,7 +469,11 @@ impl QueryParams {
     /// A non-empty text value.
     fn text(&self, name: &str) -> Result<Option<String>, ApiError> {
         match self.values.get(name).map(String::as_str) {
-            None | Some("") => Ok(None),
+            None => Ok(None),
+            Some("") => Err(ApiError::bad_parameter(
+                name,
+                "must not be empty (leave the parameter out instead)",
+            )),
             Some(v) => Ok(Some(checked_text(name, v)?.to_string())),
         }
     }
@@ -633,16 +640,20 @@ struct TimelinePage {
 #[allow(dead_code)]
 struct EventsQuery {
     /// Only events of this type (exact match).
+    #[param(min_length = 1)]
     event_type: Option<String>,
     /// Only events of this user (exact match).
+    #[param(min_length = 1)]
     user_id: Option<String>,
     /// Only events from this service (exact match).
+    #[param(min_length = 1)]
     service: Option<String>,
     /// Only events at or after this time (RFC 3339).
     from: Option<DateTime<Utc>>,
     /// Only events before this time (RFC 3339); must be later than `from`.
     to: Option<DateTime<Utc>>,
-    /// `next_cursor` of the previous page; omit for the first page.
+    /// `next_cursor` of the previous page (opaque); omit for the first page.
+    #[param(min_length = 1, pattern = "^[A-Za-z0-9_-]+$")]
     cursor: Option<String>,
     /// Events per page.
     #[param(minimum = 1, maximum = 1000, default = 100)]
@@ -654,7 +665,8 @@ struct EventsQuery {
 #[into_params(parameter_in = Query)]
 #[allow(dead_code)]
 struct TimelineQuery {
-    /// `next_cursor` of the previous page; omit for the first page.
+    /// `next_cursor` of the previous page (opaque); omit for the first page.
+    #[param(min_length = 1, pattern = "^[A-Za-z0-9_-]+$")]
     cursor: Option<String>,
     /// Events per page.
     #[param(minimum = 1, maximum = 1000, default = 100)]
@@ -937,8 +949,10 @@ struct CountsQuery {
     #[param(inline)]
     group_by: Option<GroupBy>,
     /// Count only this event type.
+    #[param(min_length = 1)]
     event_type: Option<String>,
     /// Count only this service.
+    #[param(min_length = 1)]
     service: Option<String>,
 }
 
@@ -1157,7 +1171,10 @@ mod tests {
         let e = QueryParams::parse(Some("lmit=1"), &["limit"]).err().unwrap();
         assert_eq!(e.parameter.as_deref(), Some("lmit"));
         let p = QueryParams::parse(Some("limit=&cursor="), &["limit", "cursor"]).unwrap();
-        assert_eq!(p.limit().unwrap(), DEFAULT_LIMIT);
+        assert_eq!(p.limit().unwrap_err().parameter.as_deref(), Some("limit"));
+        assert_eq!(p.cursor().unwrap_err().parameter.as_deref(), Some("cursor"));
+        let p = QueryParams::parse(Some("&limit=7&"), &["limit", "cursor"]).unwrap();
+        assert_eq!(p.limit().unwrap(), 7);
         assert_eq!(p.cursor().unwrap(), None);
         let p = QueryParams::parse(Some("event_type=a%00b"), &["event_type"]).unwrap();
         assert_eq!(p.text("event_type").unwrap_err().parameter.as_deref(), Some("event_type"));

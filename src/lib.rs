@@ -21,6 +21,7 @@ pub mod health;
 pub mod http;
 pub mod kafka_admin;
 pub mod lag;
+pub mod maintenance;
 pub mod operator;
 pub mod pipeline;
 pub mod routing;

@@ -16,6 +16,7 @@ use crate::consumer::{self, client_config};
 use crate::dead_letter::DeadLetterSink;
 use crate::health::Status;
 use crate::http::{self, AppState};
+use crate::maintenance;
 use crate::pipeline::{Pipeline, PipelineOptions};
 use crate::storage::EventStore;
 use crate::telemetry::Metrics;
@@ -24,7 +25,7 @@ use crate::telemetry::Metrics;
 const DB_PING_INTERVAL: Duration = Duration::from_secs(1);
 const DB_PING_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Applies the migrations and returns.
+/// Applies the migrations, creates the upcoming partitions, and returns.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     let store = EventStore::connect_lazy(
         settings.database_url()?,
@@ -33,8 +34,56 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     )?;
     info!(database = %settings.database_url_redacted(), "applying migrations");
     store.migrate().await?;
-    info!("migrations applied");
+    // Partitions only; retention is left to the running service.
+    let policy = maintenance::Policy { retention_days: None, ..maintenance_policy(settings) };
+    let report = maintenance::run_once(store.pool(), &policy, chrono::Utc::now()).await?;
+    info!(created = ?report.created, "migrations applied");
     Ok(())
+}
+
+fn maintenance_policy(settings: &Settings) -> maintenance::Policy {
+    maintenance::Policy {
+        interval: settings.partition_interval,
+        ahead: settings.partitions_ahead,
+        retention_days: settings.retention_days,
+    }
+}
+
+/// Runs partition maintenance at start-up and then every `interval` (sooner after a failure).
+async fn maintain_partitions(
+    store: EventStore,
+    policy: maintenance::Policy,
+    interval: Duration,
+    metrics: Arc<Metrics>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let next = match maintenance::run_once(store.pool(), &policy, chrono::Utc::now()).await {
+            Ok(report) => {
+                metrics.record_maintenance(Ok(&report));
+                if !report.ran {
+                    info!("partition maintenance skipped: another replica holds the lock");
+                } else if !report.created.is_empty() || !report.dropped.is_empty() {
+                    info!(
+                        created = ?report.created,
+                        dropped = ?report.dropped,
+                        moved_rows = report.moved_rows,
+                        "partition maintenance done"
+                    );
+                }
+                interval
+            }
+            Err(e) => {
+                metrics.record_maintenance(Err(()));
+                tracing::warn!(error = %e, "partition maintenance failed; retrying soon");
+                interval.min(Duration::from_secs(60))
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(next) => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
 }
 
 /// Runs the service until SIGTERM or SIGINT, then drains and returns.
@@ -88,7 +137,14 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         };
         axum::serve(listener, app).with_graceful_shutdown(shutdown).await
     });
-    tokio::spawn(watch_database(store, status.clone(), stop_rx));
+    tokio::spawn(watch_database(store.clone(), status.clone(), stop_rx.clone()));
+    tokio::spawn(maintain_partitions(
+        store,
+        maintenance_policy(&settings),
+        settings.maintenance_interval()?,
+        metrics.clone(),
+        stop_rx,
+    ));
 
     let shutdown = Arc::new(AtomicBool::new(false));
     let (done_tx, done_rx) = oneshot::channel::<()>();

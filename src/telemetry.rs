@@ -185,6 +185,9 @@ pub struct Metrics {
     rebalances: Counter<u64>,
     rule_hits: Counter<u64>,
     skipped: Counter<u64>,
+    maintenance_runs: Counter<u64>,
+    partitions_created: Counter<u64>,
+    partitions_dropped: Counter<u64>,
     event_types: LabelCap,
     services: LabelCap,
 }
@@ -256,6 +259,18 @@ impl Metrics {
                 .u64_counter("analytics_events_skipped_total")
                 .with_description("Events a skip rule kept out of the database (not dead-lettered)")
                 .build(),
+            maintenance_runs: meter
+                .u64_counter("analytics_maintenance_runs_total")
+                .with_description("Partition maintenance runs by result (ok, skipped: another replica held the lock, error)")
+                .build(),
+            partitions_created: meter
+                .u64_counter("analytics_partitions_created_total")
+                .with_description("Event partitions created ahead of time")
+                .build(),
+            partitions_dropped: meter
+                .u64_counter("analytics_partitions_dropped_total")
+                .with_description("Event partitions dropped by retention")
+                .build(),
             event_types: LabelCap::new(KNOWN_EVENT_TYPES, MAX_EXTRA_LABEL_VALUES),
             services: LabelCap::new(KNOWN_SERVICES, MAX_EXTRA_LABEL_VALUES),
             registry,
@@ -272,6 +287,11 @@ impl Metrics {
         }
         metrics.stored.add(0, &[]);
         metrics.skipped.add(0, &[]);
+        metrics.partitions_created.add(0, &[]);
+        metrics.partitions_dropped.add(0, &[]);
+        for result in ["ok", "skipped", "error"] {
+            metrics.maintenance_runs.add(0, &[KeyValue::new("result", result)]);
+        }
         metrics.duplicates.add(0, &[]);
         Ok(Arc::new(metrics))
     }
@@ -338,6 +358,20 @@ impl Metrics {
     /// Pre-registers a rule's series at zero (rule names come from configuration: bounded).
     pub fn register_rule(&self, rule: &str) {
         self.rule_hits.add(0, &[KeyValue::new("rule", rule.to_string())]);
+    }
+
+    /// Records a maintenance run.
+    pub fn record_maintenance(&self, result: Result<&crate::maintenance::Report, ()>) {
+        let outcome = match result {
+            Ok(r) if r.ran => {
+                self.partitions_created.add(r.created.len() as u64, &[]);
+                self.partitions_dropped.add(r.dropped.len() as u64, &[]);
+                "ok"
+            }
+            Ok(_) => "skipped",
+            Err(()) => "error",
+        };
+        self.maintenance_runs.add(1, &[KeyValue::new("result", outcome)]);
     }
 
     /// Counts a rebalance (`assign`, `revoke` or `error`).
