@@ -170,7 +170,7 @@ pub struct Settings {
     pub log_level: String,
     /// OTLP/HTTP endpoint for spans; unset means no span export.
     pub otel_exporter_otlp_endpoint: Option<String>,
-    /// Port of the query API (`/api/v1/...`), separate from the metrics port.
+    /// Port of the query API (`/api/v1/...`), separate from the metrics port; 0 disables it.
     pub api_port: u16,
     /// When set, every API request must carry `Authorization: Bearer <token>`.
     pub api_token: Option<Secret>,
@@ -351,7 +351,7 @@ impl Settings {
                 ));
             }
         }
-        if self.api_port == self.metrics_port {
+        if self.api_port != 0 && self.api_port == self.metrics_port {
             return Err(invalid("API_PORT", "must differ from METRICS_PORT"));
         }
         if self.api_token.as_ref().is_some_and(|t| t.expose().trim().is_empty()) {

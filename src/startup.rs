@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{oneshot, watch};
 use tracing::{error, info};
 
+use crate::api;
 use crate::batch::BatchPolicy;
 use crate::config::Settings;
 use crate::consumer::{self, client_config};
@@ -137,6 +138,26 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         };
         axum::serve(listener, app).with_graceful_shutdown(shutdown).await
     });
+    if settings.api_port != 0 {
+        let url = match &settings.api_database_url {
+            Some(url) => url.expose(),
+            None => settings.database_url()?,
+        };
+        let pool = api::read_pool(url, settings.database_pool_size).map_err(|_| {
+            anyhow::anyhow!("invalid API_DATABASE_URL or DATABASE_URL for the query API")
+        })?;
+        let listener = TcpListener::bind(("0.0.0.0", settings.api_port))
+            .await
+            .with_context(|| format!("cannot listen on API_PORT {}", settings.api_port))?;
+        let app = api::router(api::ApiState::new(pool, settings.api_token.clone()));
+        let mut api_stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = api_stop.wait_for(|stop| *stop).await;
+            };
+            axum::serve(listener, app).with_graceful_shutdown(shutdown).await
+        });
+    }
     tokio::spawn(watch_database(store.clone(), status.clone(), stop_rx.clone()));
     tokio::spawn(maintain_partitions(
         store,
@@ -174,6 +195,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         group = %settings.kafka_group_id,
         database = %settings.database_url_redacted(),
         metrics_port = settings.metrics_port,
+        api_port = settings.api_port,
         "nexus-analytics started"
     );
 

@@ -515,6 +515,9 @@ impl Service {
         .collect();
         all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
         all.push(("METRICS_PORT".into(), port.to_string()));
+        if !all.iter().any(|(k, _)| k == "API_PORT") {
+            all.push(("API_PORT".into(), free_port().to_string()));
+        }
         let mut s = Self { child: None, port, log, env: all };
         s.spawn();
         s
