@@ -387,32 +387,29 @@ impl Pipeline {
     }
 
     /// Drops what the batch holds for partitions we no longer own and could not flush:
-    /// uncommitted, they will be consumed again by their new owner.
+    /// uncommitted, they will be consumed again by their new owner. What belongs to partitions
+    /// we keep stays in the batch.
     pub fn discard(&self, revoked: &TopicPartitionList) {
         let gone: Vec<(String, i32)> =
             revoked.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
         let owned =
             |topic: &str, partition: i32| !gone.iter().any(|(t, p)| t == topic && *p == partition);
         let mut batch = self.batch();
-        if batch.written.is_some() {
-            // Rows already durable: only dead letters and commits were pending. Nothing is lost
-            // by redelivery, so drop the whole remainder.
-            *batch = Batch::default();
-            return;
+        if batch.written.is_none() {
+            // Rows not yet durable: drop those of revoked partitions. (Once written, rows stay:
+            // they are stored, and the outcome's indexes refer to them.)
+            let keep: Vec<bool> = batch.rows.iter().map(|r| owned(&r.topic, r.partition)).collect();
+            let mut kept = keep.iter();
+            batch.rows.retain(|_| kept.next().copied().unwrap_or(false));
+            let mut kept = keep.iter();
+            batch.sources.retain(|_| kept.next().copied().unwrap_or(false));
         }
-        let keep: Vec<bool> = batch.rows.iter().map(|r| owned(&r.topic, r.partition)).collect();
-        let mut i = 0;
-        batch.rows.retain(|_| {
-            i += 1;
-            keep[i - 1]
-        });
-        let mut i = 0;
-        batch.sources.retain(|_| {
-            i += 1;
-            keep[i - 1]
-        });
+        // Partitions we keep (cooperative rebalancing revokes only some) keep everything
+        // pending; their position has moved past these records, so dropping them would lose them.
         batch.dead.retain(|l| owned(l.record.topic(), l.record.partition()));
+        batch.forwards.retain(|f| owned(f.record.topic(), f.record.partition()));
         batch.offsets.retain(owned);
+        batch.offsets_seen = batch.rows.len() + batch.dead.len() + batch.forwards.len();
         if batch.offsets.is_empty() {
             *batch = Batch::default();
         }
