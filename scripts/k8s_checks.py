@@ -30,6 +30,34 @@
         Expand the prometheus-adapter external rules into plain PromQL (a rules
         file for `promtool check rules`) and check that the metric they serve is
         the one the chart's HPA asks for.
+    k8s_checks.py dashboard DASHBOARD.json MIGRATIONS_DIR TELEMETRY.rs OUT.yaml
+        The Grafana dashboard: valid JSON, schemaVersion >= 39, datasource
+        variables DS_PROMETHEUS (prometheus) and DS_POSTGRES
+        (grafana-postgresql-datasource), unique panel ids, every panel (rows
+        aside) and target on one of them, no overlapping panels; every analytics_*
+        metric it names is one src/telemetry.rs registers (histograms: _bucket,
+        _sum, _count); every SQL query is time-filtered and reads only analytics.*
+        relations that migrations/ create (and do not drop). Every PromQL
+        expression goes into OUT.yaml as a recording rule, Grafana's $__rate_interval,
+        $__interval and $__range replaced by 5m and dashboard variables by .*, for
+        `promtool check rules`.
+    k8s_checks.py dashboard-configmap RENDERED.yaml DASHBOARD.json [--absent]
+            [--namespace NS] [--label KEY=VALUE] [--annotation KEY=VALUE]
+        Exactly one dashboard ConfigMap (none with --absent) carrying the label
+        (and annotation), in NS, whose data is the JSON file byte for byte.
+    k8s_checks.py chart-features CHART_VALUES.yaml RENDERED.yaml [VALUES.yaml...]
+        The api/partitioning/retention/maintenance/routing values (chart defaults
+        merged with the VALUES files) reach the consumer as the binary's env vars:
+        ConfigMap keys, Secret keys, secretKeyRefs, the Service and container port
+        "api", the NetworkPolicy ingress rule for it, the migration Job's
+        partitioning vars.
+    k8s_checks.py binary-config BIN RENDERED.yaml...
+        Start `BIN migrate` with the environment of every rendered consumer
+        Deployment, migration Job and operator Deployment (which loads the same
+        Settings) (ConfigMap and literal values as rendered,
+        Secret references replaced by placeholders, PostgreSQL unreachable): the
+        binary must accept the configuration (exit 1 on the connection, never 2,
+        its configuration-error exit code).
 """
 from __future__ import annotations
 
@@ -397,6 +425,403 @@ def cmd_skaffold_refs(path):
     return 0
 
 
+# ---------------------------------------------------------------- grafana dashboard
+
+DS_VARS = {"${DS_PROMETHEUS}": "prometheus", "${DS_POSTGRES}": "grafana-postgresql-datasource"}
+GRAFANA_RANGE_VARS = re.compile(r"\$(?:__rate_interval|__interval|__range)\b|\$\{(?:__rate_interval|__interval|__range)\}")
+GRAFANA_VAR = re.compile(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)")
+RELATION_DDL = re.compile(
+    r"\b(CREATE|DROP)\s+(?:OR\s+REPLACE\s+)?(?:UNLOGGED\s+)?(TABLE|VIEW|MATERIALIZED\s+VIEW)\s+"
+    r"(?:IF\s+(?:NOT\s+)?EXISTS\s+)?analytics\.\"?(\w+)\"?", re.IGNORECASE)
+SQL_RELATION = re.compile(r"\b(?:FROM|JOIN)\s+(\"?[A-Za-z_][\w]*\"?(?:\.\"?[A-Za-z_][\w]*\"?)?)", re.IGNORECASE)
+
+
+def all_panels(panels):
+    for p in panels or []:
+        yield p
+        yield from all_panels(p.get("panels"))
+
+
+def telemetry_metrics(path):
+    """Series names src/telemetry.rs registers (histograms expand to _bucket/_sum/_count)."""
+    with open(path) as fh:
+        src = fh.read()
+    names = set()
+    for kind, name in re.findall(r"\.(\w+?)\(\s*\"(analytics_[a-z0-9_]+)\"\s*\)", src):
+        if kind.endswith("histogram"):
+            names.update(f"{name}{suf}" for suf in ("_bucket", "_sum", "_count"))
+        else:
+            names.add(name)
+    return names
+
+
+def migration_relations(mig_dir):
+    import glob
+    import os
+    rels = set()
+    for f in sorted(glob.glob(os.path.join(mig_dir, "*.sql"))):
+        with open(f) as fh:
+            sql = re.sub(r"--[^\n]*", "", fh.read())
+        for verb, _, name in RELATION_DDL.findall(sql):
+            if verb.upper() == "CREATE":
+                rels.add(name.lower())
+            else:
+                rels.discard(name.lower())
+    return rels
+
+
+def promql_for_promtool(expr):
+    out = GRAFANA_RANGE_VARS.sub("5m", expr)
+    out = out.replace("$__range_s", "300").replace("$__interval_ms", "300000")
+    leftover = re.findall(r"\$\{?__\w+", out)
+    return GRAFANA_VAR.sub(".*", out), leftover
+
+
+def cmd_dashboard(dash_path, mig_dir, telemetry_path, out):
+    problems = []
+    try:
+        with open(dash_path) as fh:
+            dash = json.load(fh)
+    except (OSError, ValueError) as e:
+        print(f"FAIL {dash_path}: {e}")
+        return 1
+    if not isinstance(dash.get("schemaVersion"), int) or dash["schemaVersion"] < 39:
+        problems.append(f"schemaVersion {dash.get('schemaVersion')!r}, want an integer >= 39")
+    for key in ("uid", "title"):
+        if not dash.get(key):
+            problems.append(f"dashboard has no {key}")
+    variables = {v.get("name"): v for v in (dash.get("templating") or {}).get("list") or []}
+    for ref, plugin in DS_VARS.items():
+        v = variables.get(ref[2:-1])
+        if not v or v.get("type") != "datasource" or v.get("query") != plugin:
+            problems.append(f"no datasource variable {ref[2:-1]} of type {plugin}")
+    metrics = telemetry_metrics(telemetry_path)
+    relations = migration_relations(mig_dir)
+    if not metrics:
+        problems.append(f"no analytics_* metric found in {telemetry_path}")
+    if not relations:
+        problems.append(f"no analytics.* relation found in {mig_dir}")
+
+    def check_metrics(text, where):
+        for m in sorted(set(re.findall(r"\banalytics_[a-z0-9_]+", text))):
+            if m not in metrics:
+                problems.append(f"{where}: metric {m} is not exported (src/telemetry.rs)")
+
+    for name, v in variables.items():
+        if v.get("type") == "query":
+            ds = v.get("datasource") or {}
+            if ds.get("uid") not in DS_VARS:
+                problems.append(f"variable {name}: datasource {ds!r} is not a datasource variable")
+            q = v.get("query")
+            check_metrics(q.get("query", "") if isinstance(q, dict) else str(q), f"variable {name}")
+
+    ids, rules, sql_count, boxes = {}, [], 0, []
+    for p in all_panels(dash.get("panels")):
+        pid, title = p.get("id"), p.get("title", "?")
+        where = f"panel {pid} ({title!r})"
+        if not isinstance(pid, int):
+            problems.append(f"{where}: id is not an integer")
+        elif pid in ids:
+            problems.append(f"{where}: duplicate id (also {ids[pid]!r})")
+        else:
+            ids[pid] = title
+        gp = p.get("gridPos") or {}
+        if not all(isinstance(gp.get(k), int) for k in "hwxy") or gp["x"] + gp["w"] > 24:
+            problems.append(f"{where}: bad gridPos {gp}")
+        else:
+            box = (gp["x"], gp["y"], gp["x"] + gp["w"], gp["y"] + gp["h"])
+            for other, ob in boxes:
+                if box[0] < ob[2] and ob[0] < box[2] and box[1] < ob[3] and ob[1] < box[3]:
+                    problems.append(f"{where}: overlaps panel {other}")
+            boxes.append((pid, box))
+        if p.get("type") == "row":
+            continue
+        ds = p.get("datasource")
+        if not isinstance(ds, dict) or ds.get("uid") not in DS_VARS or ds.get("type") != DS_VARS[ds.get("uid")]:
+            problems.append(f"{where}: datasource {ds!r} is not {{type, uid}} of ${{DS_PROMETHEUS}} or ${{DS_POSTGRES}}")
+            continue
+        targets = p.get("targets") or []
+        if not targets:
+            problems.append(f"{where}: no targets")
+        refids = [t.get("refId") for t in targets]
+        if len(set(refids)) != len(refids) or not all(refids):
+            problems.append(f"{where}: refIds {refids} not unique")
+        for t in targets:
+            tds = t.get("datasource", ds)
+            if tds != ds:
+                problems.append(f"{where} {t.get('refId')}: target datasource {tds!r} differs from the panel's")
+            twhere = f"{where} {t.get('refId')}"
+            if ds["uid"] == "${DS_PROMETHEUS}":
+                expr = t.get("expr") or ""
+                if not expr.strip():
+                    problems.append(f"{twhere}: no expr")
+                    continue
+                check_metrics(expr, twhere)
+                promql, leftover = promql_for_promtool(expr)
+                if leftover:
+                    problems.append(f"{twhere}: unknown Grafana macros {leftover}")
+                rules.append({"record": f"dashboard:panel_{pid}:{t.get('refId')}", "expr": promql})
+            else:
+                sql = t.get("rawSql") or ""
+                if not sql.strip() or not t.get("rawQuery"):
+                    problems.append(f"{twhere}: no raw SQL")
+                    continue
+                sql_count += 1
+                if "$__timeFilter(" not in sql:
+                    problems.append(f"{twhere}: SQL without $__timeFilter(...) reads the whole table")
+                for ref in SQL_RELATION.findall(sql):
+                    parts = [x.strip('"') for x in ref.split(".")]
+                    if len(parts) != 2 or parts[0] != "analytics":
+                        problems.append(f"{twhere}: relation {ref} is not schema-qualified analytics.*")
+                    elif parts[1].lower() not in relations:
+                        problems.append(f"{twhere}: relation analytics.{parts[1]} is not created by migrations/")
+    if not rules:
+        problems.append("no PromQL expression found")
+    if problems:
+        for p in problems:
+            print(f"FAIL {p}")
+        return 1
+    with open(out, "w") as fh:
+        yaml.safe_dump({"groups": [{"name": "grafana-dashboard", "rules": rules}]}, fh, sort_keys=False, width=1000)
+    print(f"ok   {len(ids)} panels (unique ids), {len(rules)} PromQL expressions -> {out}, "
+          f"{sql_count} SQL queries on {len(relations)} known analytics.* relations")
+    return 0
+
+
+def cmd_dashboard_configmap(rendered, dash_path, opts):
+    absent, namespace, labels, annotations = False, None, {}, {}
+    it = iter(opts)
+    for o in it:
+        if o == "--absent":
+            absent = True
+        elif o == "--namespace":
+            namespace = next(it)
+        elif o in ("--label", "--annotation"):
+            k, v = next(it).split("=", 1)
+            (labels if o == "--label" else annotations)[k] = v
+        else:
+            print(f"FAIL unknown option {o}")
+            return 1
+    with open(dash_path) as fh:
+        want = fh.read()
+    cms = [d for d in load_docs([rendered]) if d.get("kind") == "ConfigMap"
+           and ((d.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/component") == "dashboard"]
+    if absent:
+        if cms:
+            print(f"FAIL dashboard ConfigMap rendered although disabled: {[c['metadata']['name'] for c in cms]}")
+            return 1
+        print("ok   no dashboard ConfigMap")
+        return 0
+    if len(cms) != 1:
+        print(f"FAIL {len(cms)} dashboard ConfigMaps rendered, want 1")
+        return 1
+    cm, problems = cms[0], []
+    meta = cm["metadata"]
+    data = cm.get("data") or {}
+    if list(data) != ["nexus-analytics.json"]:
+        problems.append(f"data keys {list(data)}, want ['nexus-analytics.json']")
+    elif data["nexus-analytics.json"] != want:
+        problems.append(f"data differs from {dash_path} ({len(data['nexus-analytics.json'])} vs {len(want)} characters)")
+    for k, v in labels.items():
+        if (meta.get("labels") or {}).get(k) != v:
+            problems.append(f"label {k}={(meta.get('labels') or {}).get(k)!r}, want {v!r}")
+    for k, v in annotations.items():
+        if (meta.get("annotations") or {}).get(k) != v:
+            problems.append(f"annotation {k}={(meta.get('annotations') or {}).get(k)!r}, want {v!r}")
+    if namespace and meta.get("namespace") != namespace:
+        problems.append(f"namespace {meta.get('namespace')!r}, want {namespace!r}")
+    if problems:
+        for p in problems:
+            print(f"FAIL ConfigMap {meta['name']}: {p}")
+        return 1
+    print(f"ok   ConfigMap {meta['namespace']}/{meta['name']} holds {dash_path} unchanged, labels {labels}, annotations {annotations}")
+    return 0
+
+
+# ---------------------------------------------------------------- chart features -> env
+
+def deep_merge(base, over):
+    out = dict(base)
+    for k, v in (over or {}).items():
+        if k in out and isinstance(out[k], dict) and isinstance(v, dict):
+            out[k] = deep_merge(out[k], v)
+        elif v is None and k in out and not (isinstance(out[k], dict)):
+            out[k] = None
+        else:
+            out[k] = v
+    return out
+
+
+def _consumer_parts(docs):
+    comp = lambda d: ((d.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/component")
+    dep = [d for d in docs if d.get("kind") == "Deployment" and comp(d) == "consumer"]
+    job = [d for d in docs if d.get("kind") == "Job" and comp(d) == "migrations"]
+    return dep, job
+
+
+def cmd_chart_features(chart_values, rendered, values_files):
+    import base64
+    with open(chart_values) as fh:
+        v = yaml.safe_load(fh)
+    for f in values_files:
+        with open(f) as fh:
+            v = deep_merge(v, yaml.safe_load(fh) or {})
+    docs = load_docs([rendered])
+    deps, jobs = _consumer_parts(docs)
+    if not v["consumer"]["enabled"]:
+        print("ok   no consumer in this combination")
+        return 0
+    problems = []
+    if len(deps) != 1:
+        print(f"FAIL {len(deps)} consumer Deployments rendered")
+        return 1
+    dep = deps[0]
+    name = dep["metadata"]["name"]
+    by = lambda kind: {d["metadata"]["name"]: d for d in docs if d.get("kind") == kind}
+    cm = (by("ConfigMap").get(name) or {}).get("data") or {}
+    api, part, rules = v["api"], v["partitioning"], v["routing"]["rules"]
+    days = (v.get("retention") or {}).get("days")
+    want_cm = {
+        "API_PORT": str(api["port"]) if api["enabled"] else "0",
+        "PARTITION_INTERVAL": part["interval"],
+        "PARTITIONS_AHEAD": str(part["ahead"]),
+        "MAINTENANCE_INTERVAL": str(v["maintenance"]["interval"]),
+    }
+    for k, want in want_cm.items():
+        if cm.get(k) != want:
+            problems.append(f"ConfigMap {k}={cm.get(k)!r}, want {want!r}")
+    if days is None:
+        if "RETENTION_DAYS" in cm:
+            problems.append(f"ConfigMap RETENTION_DAYS={cm['RETENTION_DAYS']!r} with retention.days null")
+    elif cm.get("RETENTION_DAYS") != str(days):
+        problems.append(f"ConfigMap RETENTION_DAYS={cm.get('RETENTION_DAYS')!r}, want {days!r}")
+    if not rules:
+        if "ROUTING_RULES" in cm:
+            problems.append("ConfigMap ROUTING_RULES set with no routing.rules")
+    elif "ROUTING_RULES" not in cm or json.loads(cm["ROUTING_RULES"]) != rules:
+        problems.append(f"ConfigMap ROUTING_RULES={cm.get('ROUTING_RULES')!r} is not routing.rules as JSON")
+    c = dep["spec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p for p in c.get("ports") or []}
+    env = {e["name"]: e for e in c.get("env") or []}
+    svc = (by("Service").get(name) or {}).get("spec", {}).get("ports") or []
+    svc_ports = {p["name"]: p for p in svc}
+    secret_name = v["existingSecret"] or name
+    sk = v["secretKeys"]
+    if api["enabled"]:
+        if (ports.get("api") or {}).get("containerPort") != api["port"]:
+            problems.append(f"container port api {ports.get('api')}, want containerPort {api['port']}")
+        if (svc_ports.get("api") or {}).get("port") != api["port"] or svc_ports["api"].get("targetPort") != "api":
+            problems.append(f"Service port api {svc_ports.get('api')}, want port {api['port']} -> targetPort api")
+    elif "api" in ports or "api" in svc_ports:
+        problems.append("api port rendered although api.enabled is false")
+    want_env = {}
+    if api["enabled"] and api["requireToken"]:
+        want_env["API_TOKEN"] = (sk["apiToken"], False)
+    if api["enabled"] and (v["existingSecret"] or api["databaseUrl"]):
+        want_env["API_DATABASE_URL"] = (sk["apiDatabaseUrl"], bool(v["existingSecret"]))
+    for n in ("API_TOKEN", "API_DATABASE_URL"):
+        got = env.get(n)
+        if n not in want_env:
+            if got:
+                problems.append(f"env {n} set although not configured")
+            continue
+        ref = ((got or {}).get("valueFrom") or {}).get("secretKeyRef") or {}
+        key, optional = want_env[n]
+        if (ref.get("name"), ref.get("key"), bool(ref.get("optional"))) != (secret_name, key, optional):
+            problems.append(f"env {n} secretKeyRef {ref}, want {secret_name}/{key} optional={optional}")
+    if not v["existingSecret"]:
+        data = (by("Secret").get(name) or {}).get("data") or {}
+        dec = {k: base64.b64decode(x).decode() for k, x in data.items()}
+        if "API_TOKEN" in want_env and dec.get(sk["apiToken"]) != api["token"]:
+            problems.append(f"Secret {sk['apiToken']} is not api.token")
+        if "API_DATABASE_URL" in want_env and dec.get(sk["apiDatabaseUrl"]) != api["databaseUrl"]:
+            problems.append(f"Secret {sk['apiDatabaseUrl']} is not api.databaseUrl")
+        for k in (sk["apiToken"], sk["apiDatabaseUrl"]):
+            if k in dec and k not in {sk[{"API_TOKEN": "apiToken", "API_DATABASE_URL": "apiDatabaseUrl"}[n]] for n in want_env}:
+                problems.append(f"Secret holds {k} although it is not used")
+    np = by("NetworkPolicy").get(name)
+    if np:
+        api_rules = [r for r in np["spec"].get("ingress") or [] if any(p.get("port") == "api" for p in r.get("ports") or [])]
+        if not api["enabled"] and api_rules:
+            problems.append("NetworkPolicy admits the api port although api.enabled is false")
+        if api["enabled"]:
+            want_from = v["networkPolicy"]["apiFrom"] or None
+            if len(api_rules) != 1 or api_rules[0].get("from") != want_from:
+                problems.append(f"NetworkPolicy api ingress {api_rules}, want one rule from {want_from}")
+    for job in jobs:
+        jenv = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0].get("env") or []}
+        for k in ("PARTITION_INTERVAL", "PARTITIONS_AHEAD"):
+            if jenv.get(k) != want_cm[k]:
+                problems.append(f"migration Job {k}={jenv.get(k)!r}, want {want_cm[k]!r} (migrate creates the first partitions)")
+    if problems:
+        for p in problems:
+            print(f"FAIL {p}")
+        return 1
+    print(f"ok   api={'on:' + str(api['port']) if api['enabled'] else 'off'}, partitions {part['interval']}+{part['ahead']}, "
+          f"retention {days}, maintenance {v['maintenance']['interval']}, {len(rules)} routing rules; "
+          f"{'NetworkPolicy checked, ' if np else ''}{len(jobs)} migration Job(s)")
+    return 0
+
+
+def cmd_binary_config(binary, rendered):
+    import os
+    import subprocess
+    import tempfile
+    from concurrent.futures import ThreadPoolExecutor
+    binary = os.path.abspath(binary)
+    runs = []
+    for path in rendered:
+        docs = load_docs([path])
+        maps = {(d["kind"], d["metadata"]["name"]): d for d in docs if d.get("kind") in ("ConfigMap", "Secret")}
+        deps, jobs = _consumer_parts(docs)
+        ops = [d for d in docs if d.get("kind") == "Deployment"
+               and ((d.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/component") == "operator"]
+        for w in deps + jobs + ops:
+            c = w["spec"]["template"]["spec"]["containers"][0]
+            env = {}
+            for src in c.get("envFrom") or []:
+                ref = maps.get(("ConfigMap", (src.get("configMapRef") or {}).get("name")))
+                env.update((ref or {}).get("data") or {})
+            for e in c.get("env") or []:
+                if "value" in e:
+                    env[e["name"]] = e["value"]
+                elif "URL" in e["name"]:
+                    env[e["name"]] = "postgres://check:check@127.0.0.1:1/check"
+                else:
+                    env[e["name"]] = "placeholder-secret"
+            # The operator loads the same Settings; `migrate` needs a database URL.
+            env.setdefault("DATABASE_URL", "postgres://check:check@127.0.0.1:1/check")
+            # fail fast on the (unreachable) database; 1 stays below any LIVENESS_STALL_SECS
+            env["DATABASE_WRITE_TIMEOUT_SECS"] = "1"
+            env["PATH"] = "/usr/bin:/bin"
+            runs.append((f"{path.rsplit('/', 1)[-1]} {w['kind']}/{w['metadata']['name']}", env))
+    if not runs:
+        print("FAIL no consumer Deployment or migration Job rendered")
+        return 1
+
+    def one(run):
+        where, env = run
+        with tempfile.TemporaryDirectory() as cwd:  # no .env from the work tree
+            try:
+                r = subprocess.run([binary, "migrate"], env=env, cwd=cwd, capture_output=True, text=True, timeout=60)
+            except subprocess.TimeoutExpired:
+                return f"{where}: `migrate` did not stop within 60 s"
+        if r.returncode == 2 or "invalid setting" in r.stderr or "missing setting" in r.stderr:
+            return f"{where}: configuration rejected (exit {r.returncode}): {r.stderr.strip().splitlines()[-1:]}"
+        if r.returncode != 1:
+            return f"{where}: exit {r.returncode}, want 1 (database unreachable): {r.stderr.strip()[-300:]}"
+        return None
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        problems = [p for p in pool.map(one, runs) if p]
+    if problems:
+        for p in problems:
+            print(f"FAIL {p}")
+        return 1
+    print(f"ok   {binary} accepts the rendered configuration of {len(runs)} workloads")
+    return 0
+
+
 def main(argv):
     cmds = {
         "env-drift": (lambda a: cmd_env_drift(a[0], a[1:]), 2),
@@ -406,6 +831,10 @@ def main(argv):
         "adapter-rules": (lambda a: cmd_adapter_rules(a[0], a[1], a[2]), 3),
         "skaffold-refs": (lambda a: cmd_skaffold_refs(a[0]), 1),
         "operator-rbac": (lambda a: cmd_operator_rbac(a[0], a[1], a[2]), 3),
+        "dashboard": (lambda a: cmd_dashboard(a[0], a[1], a[2], a[3]), 4),
+        "dashboard-configmap": (lambda a: cmd_dashboard_configmap(a[0], a[1], a[2:]), 2),
+        "chart-features": (lambda a: cmd_chart_features(a[0], a[1], a[2:]), 2),
+        "binary-config": (lambda a: cmd_binary_config(a[0], a[1:]), 2),
     }
     if not argv or argv[0] not in cmds or len(argv) - 1 < cmds[argv[0]][1]:
         print(__doc__, file=sys.stderr)

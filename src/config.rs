@@ -55,6 +55,25 @@ pub const ENV_VARS: &[&str] = &[
     "POD_NAME",
 ];
 
+/// Variables holding free text (URLs, names, tokens, JSON): never parsed as numbers or lists.
+const TEXT_ENV_VARS: &[&str] = &[
+    "DATABASE_URL",
+    "KAFKA_BROKERS",
+    "KAFKA_TOPICS",
+    "KAFKA_GROUP_ID",
+    "KAFKA_DLQ_TOPIC",
+    "LOG_LEVEL",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "API_TOKEN",
+    "API_DATABASE_URL",
+    "MAINTENANCE_INTERVAL",
+    "ROUTING_RULES",
+];
+
+/// Listed in [`ENV_VARS`] but read elsewhere: the file path, the log filter override, the
+/// OpenTelemetry SDK and the operator.
+const NOT_SETTINGS: &[&str] = &["CONFIG_FILE", "RUST_LOG", "OTEL_SERVICE_NAME", "POD_NAME"];
+
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -245,12 +264,20 @@ impl Settings {
         if let Ok(path) = std::env::var("CONFIG_FILE") {
             figment = figment.merge(Toml::file_exact(PathBuf::from(path)));
         }
-        let known: Vec<String> = ENV_VARS
+        // Numbers and enums go through figment's value parsing; text settings are taken
+        // verbatim, so a token of digits or a JSON rule list is not reinterpreted.
+        let parsed: Vec<String> = ENV_VARS
             .iter()
-            .filter(|v| !matches!(**v, "CONFIG_FILE" | "RUST_LOG"))
+            .filter(|v| !TEXT_ENV_VARS.contains(v) && !NOT_SETTINGS.contains(v))
             .map(|v| v.to_ascii_lowercase())
             .collect();
-        figment = figment.merge(Env::raw().filter(move |k| known.iter().any(|n| k == n.as_str())));
+        figment = figment.merge(Env::raw().filter(move |k| parsed.iter().any(|n| k == n.as_str())));
+        let text: BTreeMap<String, String> = Env::raw()
+            .iter()
+            .filter(|(k, _)| TEXT_ENV_VARS.iter().any(|n| k.as_str().eq_ignore_ascii_case(n)))
+            .map(|(k, v)| (k.as_str().to_ascii_lowercase(), v))
+            .collect();
+        figment = figment.merge(Serialized::globals(text));
         let properties: BTreeMap<String, String> = Env::prefixed(KAFKA_PROPERTY_PREFIX)
             .iter()
             .map(|(k, v)| (k.as_str().to_ascii_lowercase().replace('_', "."), v))
@@ -508,6 +535,42 @@ mod tests {
             let err = Settings::from_figment(Settings::figment()).unwrap_err().to_string();
             assert!(err.starts_with("invalid setting DATABASE_URL"), "{err}");
             assert!(!err.contains("hunter2"));
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn every_listed_variable_is_accepted() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            for name in ENV_VARS {
+                let value = match *name {
+                    "CONFIG_FILE" => continue,
+                    "DATABASE_URL" | "API_DATABASE_URL" => "postgres://u:p@localhost/db",
+                    "LOG_FORMAT" => "json",
+                    "LOG_LEVEL" | "RUST_LOG" => "info",
+                    "PARTITION_INTERVAL" => "month",
+                    "MAINTENANCE_INTERVAL" => "15m",
+                    "ROUTING_RULES" => "[]",
+                    "API_PORT" => "8081",
+                    "KAFKA_SESSION_TIMEOUT_MS" => "6000",
+                    "LIVENESS_STALL_SECS" => "61",
+                    "KAFKA_BROKERS" | "KAFKA_TOPICS" | "KAFKA_GROUP_ID" | "KAFKA_DLQ_TOPIC" => "x",
+                    "OTEL_EXPORTER_OTLP_ENDPOINT"
+                    | "OTEL_SERVICE_NAME"
+                    | "POD_NAME"
+                    | "API_TOKEN" => "x",
+                    _ => "7",
+                };
+                jail.set_env(name, value);
+            }
+            jail.set_env("KAFKA_DLQ_TOPIC", "y");
+            jail.set_env("API_TOKEN", "12345");
+            jail.set_env("KAFKA_GROUP_ID", "true");
+            let s = Settings::from_figment(Settings::figment()).map_err(|e| e.to_string())?;
+            assert_eq!(s.api_token.as_ref().map(Secret::expose), Some("12345"));
+            assert_eq!(s.kafka_group_id, "true");
+            assert!(s.routing_rules().map_err(|e| e.to_string())?.is_empty());
             Ok(())
         });
     }

@@ -114,6 +114,27 @@ one clear message per problem.
 {{- fail (printf "kafka.properties.%s looks like a credential: it would land in a ConfigMap. Use kafka.sasl.* (stored in the Secret) or existingSecret." $k) }}
 {{- end }}
 {{- end }}
+{{- if $v.api.enabled }}
+{{- if eq (int $v.api.port) (int $v.config.metricsPort) }}
+{{- fail (printf "api.port (%d) must differ from config.metricsPort (%d)." (int $v.api.port) (int $v.config.metricsPort)) }}
+{{- end }}
+{{- if and $v.api.requireToken (not $v.existingSecret) (not $v.api.token) }}
+{{- fail "api.enabled with api.requireToken needs api.token (or existingSecret holding secretKeys.apiToken); set api.requireToken=false to serve the API without authentication." }}
+{{- end }}
+{{- end }}
+{{- if and $v.api.token (not $v.api.requireToken) }}
+{{- fail "api.token is set but api.requireToken is false: the token would not be used." }}
+{{- end }}
+{{- $ruleNames := dict }}
+{{- range $i, $r := $v.routing.rules }}
+{{- if hasKey $ruleNames $r.name }}
+{{- fail (printf "routing.rules[%d]: duplicate rule name %q (names label analytics_routing_rule_hits_total)." $i $r.name) }}
+{{- end }}
+{{- $_ := set $ruleNames $r.name true }}
+{{- if and (eq $r.action "forward") (has $r.topic $v.kafka.topics) }}
+{{- fail (printf "routing.rules[%d] (%s) forwards to %q, a topic this consumer reads: every forwarded copy would be consumed and forwarded again." $i $r.name $r.topic) }}
+{{- end }}
+{{- end }}
 {{- end }}
 
 {{/* ------------------------------------------------------------ operator */}}

@@ -1,0 +1,1022 @@
+"""End-to-end benchmark of nexus-analytics against the physical limit and two baselines.
+
+Run through `scripts/bench` (which picks the .tools/venv Python); see `scripts/bench --help`
+and docs/benchmark.md. Every phase uses a fresh topic on a private tansu broker and a fresh
+database, and all numbers come from the same run on the same machine, so the ratios mean
+something even on a shared, noisy host.
+
+Phases
+  preload     `nexus-analytics produce --rate 0` writes N events to a fresh topic
+  service     the release binary drains the topic into a fresh database: N / (start -> N rows)
+  copy        the identical rows (dumped from the service's table) loaded with one COPY
+  broker      librdkafka consumer counting the topic's records (no decode, no database)
+  naive       the original design: one INSERT + commit per event (Rust, capped in time)
+  python      a batched Python consumer (confluent-kafka + psycopg, executemany and COPY)
+  latency     fixed offered rate (default 10,000/s); produce -> commit percentiles, RSS
+  outage      same rate, the service's PostgreSQL stopped for a while; RSS and recovery
+
+The last line printed is the machine-readable RESULT line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+EVENT_COLUMNS = (
+    'event_type, user_id, service, "timestamp", data, kafka_topic, kafka_partition, kafka_offset'
+)
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def die(msg: str) -> None:
+    log(f"ERROR: {msg}")
+    sys.exit(1)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until(timeout: float, cond, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while True:
+        if cond():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+
+
+# ------------------------------------------------------------------------------ processes
+
+
+def proc_status_kib(pid: int, key: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+class RssSampler:
+    """Samples VmRSS of one process every `interval` seconds; VmHWM is read at stop()."""
+
+    def __init__(self, pid: int, interval: float = 0.1):
+        self.pid = pid
+        self.samples: list[tuple[float, int]] = []
+        self.hwm_kib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            rss = proc_status_kib(self.pid, "VmRSS")
+            if rss is not None:
+                self.samples.append((time.monotonic(), rss))
+                self.hwm_kib = max(self.hwm_kib, proc_status_kib(self.pid, "VmHWM") or 0)
+            self._stop.wait(0.1)
+
+    def peak_mib(self, start: float | None = None, end: float | None = None) -> float:
+        vals = [
+            r
+            for t, r in self.samples
+            if (start is None or t >= start) and (end is None or t <= end)
+        ]
+        return max(vals) / 1024 if vals else 0.0
+
+    def stop(self) -> None:
+        self.hwm_kib = max(self.hwm_kib, proc_status_kib(self.pid, "VmHWM") or 0)
+        self._stop.set()
+        self._thread.join(timeout=2)
+
+
+def cpu_snapshot() -> dict[int, tuple[str, int]]:
+    """pid -> (comm, utime+stime ticks) for every process."""
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        comm = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat[stat.rindex(")") + 2 :].split()
+        out[int(entry)] = (comm, int(fields[11]) + int(fields[12]))
+    return out
+
+
+def cpu_breakdown(before, after, roles: dict[int, str]) -> dict[str, float]:
+    """CPU seconds per role between two snapshots (new processes count from zero)."""
+    total: dict[str, float] = {}
+    for pid, (comm, ticks) in after.items():
+        delta = ticks - before.get(pid, (comm, 0))[1]
+        if delta <= 0:
+            continue
+        if pid in roles:
+            role = roles[pid]
+        elif comm.startswith("postgres"):
+            role = "postgres"
+        elif pid == os.getpid():
+            role = "bench driver"
+        else:
+            role = "other"
+        total[role] = total.get(role, 0.0) + delta / CLK_TCK
+    return total
+
+
+class Child:
+    """A child process with its output in a log file; stopped with SIGTERM then SIGKILL."""
+
+    def __init__(self, name: str, argv: list[str], env: dict, logdir: Path, cwd: Path):
+        self.name = name
+        self.log_path = logdir / f"{name}.log"
+        self._log = open(self.log_path, "ab")
+        self.started = time.monotonic()
+        self.started_wall = time.time()
+        self.proc = subprocess.Popen(
+            argv, env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self, grace: float = 30) -> int | None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+        return self.proc.returncode
+
+    def tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+# ------------------------------------------------------------------------------ the bench
+
+
+@dataclass
+class Results:
+    rows: list[tuple[str, str, str, str]] = field(default_factory=list)
+    values: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, phase: str, metric: str, value: str, detail: str = "") -> None:
+        self.rows.append((phase, metric, value, detail))
+        log(f"{phase}: {metric} = {value} {detail}")
+
+
+def fmt_int(x: float) -> str:
+    return f"{x:,.0f}"
+
+
+class Bench:
+    def __init__(self, args):
+        self.args = args
+        self.res = Results()
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.id = f"{stamp.replace('-', '_')}_{os.getpid()}"
+        self.logdir = Path(args.log_dir or ROOT / "target" / "bench" / stamp)
+        self.logdir.mkdir(parents=True, exist_ok=True)
+        self.workdir = Path(tempfile.mkdtemp(prefix="na-bench-"))
+        self.children: list[Child] = []
+        self.databases: list[tuple[str, str]] = []  # (admin url, name)
+        self.private_pg: PrivatePostgres | None = None
+        self.tansu: Child | None = None
+        self.bin = Path(args.bin)
+        self.clients_bin = Path(args.clients_bin)
+        self.admin_url = args.admin_url
+        self.clean_env = self._clean_env()
+
+    # -- environment ------------------------------------------------------------------
+
+    def _clean_env(self) -> dict:
+        """The caller's environment without any setting the service would read."""
+        names = set()
+        try:
+            out = subprocess.run(
+                [str(self.bin), "env-vars"], capture_output=True, text=True, timeout=30
+            ).stdout
+            names = {n.strip() for n in out.splitlines() if n.strip() and not n.endswith("*")}
+        except OSError:
+            pass
+        names |= {"DATABASE_URL", "KAFKA_BROKERS", "KAFKA_TOPICS", "CONFIG_FILE", "RUST_LOG"}
+        return {
+            k: v
+            for k, v in os.environ.items()
+            if k not in names and not k.startswith("KAFKA_PROPERTY_")
+        }
+
+    def service_env(self, **extra) -> dict:
+        env = dict(self.clean_env)
+        env.update(
+            {
+                "KAFKA_SESSION_TIMEOUT_MS": str(self.args.session_timeout_ms),
+                "LOG_LEVEL": "info",
+                "METRICS_PORT": str(free_port()),
+                "API_PORT": str(free_port()),
+                "SHUTDOWN_TIMEOUT_SECS": "20",
+            }
+        )
+        for kv in self.args.service_env:
+            k, _, v = kv.partition("=")
+            env[k] = v
+        env.update({k: str(v) for k, v in extra.items()})
+        return env
+
+    def spawn(self, name: str, argv: list[str], env: dict | None = None) -> Child:
+        child = Child(name, [str(a) for a in argv], env or dict(self.clean_env), self.logdir,
+                      self.workdir)
+        self.children.append(child)
+        return child
+
+    # -- broker -------------------------------------------------------------------------
+
+    def start_broker(self) -> None:
+        if self.args.brokers:
+            self.brokers = self.args.brokers
+            log(f"broker: using {self.brokers} (--brokers)")
+            return
+        port = free_port()
+        url = f"tcp://127.0.0.1:{port}"
+        self.tansu = self.spawn(
+            "tansu",
+            [self.args.tansu, "broker", "--listener-url", url, "--advertised-listener-url", url,
+             "--storage-engine", "memory://tansu/"],
+        )
+        if not wait_until(15, lambda: port_open(port)):
+            die(f"tansu did not listen on {port}: {self.tansu.tail()}")
+        self.brokers = f"127.0.0.1:{port}"
+        log(f"broker: private tansu (memory storage) on {self.brokers}, pid {self.tansu.pid}")
+
+    def create_topic(self, name: str) -> str:
+        topic = f"bench-{name}-{self.id}"
+        if self.tansu is not None or self.args.tansu:
+            r = subprocess.run(
+                [self.args.tansu, "topic", "create", "--broker", f"tcp://{self.brokers}",
+                 "--partitions", str(self.args.partitions), topic],
+                capture_output=True, text=True, timeout=60,
+            )
+            if r.returncode != 0:
+                die(f"cannot create topic {topic}: {r.stderr.strip()}")
+        return topic
+
+    def produce(self, topic: str, count: int, rate: int, seed: int = 42, name: str = "produce",
+                background: bool = False):
+        env = dict(self.clean_env, KAFKA_BROKERS=self.brokers, LOG_LEVEL="warn")
+        argv = [self.bin, "produce", "--count", count, "--rate", rate, "--topic", topic,
+                "--seed", seed, "--users", self.args.users]
+        child = self.spawn(name, argv, env)
+        if background:
+            return child
+        started = time.monotonic()
+        rc = child.proc.wait()
+        elapsed = time.monotonic() - started
+        child.stop()
+        if rc != 0:
+            die(f"produce failed (exit {rc}): {child.tail()}")
+        return elapsed
+
+    # -- databases ------------------------------------------------------------------------
+
+    def connect(self, url: str, autocommit: bool = True):
+        import psycopg
+
+        return psycopg.connect(url, autocommit=autocommit, connect_timeout=10)
+
+    def fresh_db(self, phase: str, admin_url: str | None = None, migrate: bool = True) -> str:
+        admin = admin_url or self.admin_url
+        name = f"na_bench_{phase}_{self.id}"
+        with self.connect(admin) as c:
+            c.execute(f"CREATE DATABASE {name}")
+        self.databases.append((admin, name))
+        url = with_database(admin, name)
+        if migrate:
+            env = dict(self.clean_env, DATABASE_URL=url, LOG_LEVEL="warn")
+            r = subprocess.run([str(self.bin), "migrate"], env=env, cwd=self.workdir,
+                               capture_output=True, text=True, timeout=120)
+            if r.returncode != 0:
+                die(f"nexus-analytics migrate failed: {r.stderr.strip()}")
+        return url
+
+    def drop_databases(self) -> None:
+        for admin, name in reversed(self.databases):
+            try:
+                with self.connect(admin) as c:
+                    c.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+            except Exception as e:  # noqa: BLE001 - best effort cleanup
+                log(f"could not drop {name}: {e}")
+        self.databases.clear()
+
+    def scalar(self, url: str, sql: str):
+        with self.connect(url) as c:
+            return c.execute(sql).fetchone()[0]
+
+    # -- the service ----------------------------------------------------------------------
+
+    def start_service(self, name: str, url: str, topic: str, **extra) -> tuple[Child, int]:
+        env = self.service_env(
+            DATABASE_URL=url, KAFKA_BROKERS=self.brokers, KAFKA_TOPICS=topic,
+            KAFKA_GROUP_ID=f"g-{topic}", KAFKA_DLQ_TOPIC=f"{topic}.dlq", **extra,
+        )
+        port = int(env["METRICS_PORT"])
+        child = self.spawn(name, [self.bin, "run"], env)
+        return child, port
+
+    @staticmethod
+    def metric(port: int, name: str) -> float | None:
+        """Sum of all series of one metric, or None when /metrics does not answer."""
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                body = r.read().decode()
+        except OSError:
+            return None
+        total, seen = 0.0, False
+        pat = re.compile(rf"^{re.escape(name)}(?:\{{[^}}]*\}})? ([0-9.eE+-]+|NaN)$")
+        for line in body.splitlines():
+            m = pat.match(line)
+            if m and m.group(1) != "NaN":
+                total += float(m.group(1))
+                seen = True
+        return total if seen else 0.0
+
+    @staticmethod
+    def histogram(port: int, name: str) -> tuple[float, float]:
+        """(sum, count) of a histogram."""
+        return (Bench.metric(port, f"{name}_sum") or 0.0, Bench.metric(port, f"{name}_count") or 0.0)
+
+    def wait_stored(self, svc: Child, port: int, n: int, timeout: float,
+                    interval: float = 0.05) -> float | None:
+        """Waits until the service reports n rows stored; returns the monotonic time seen."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not svc.alive():
+                die(f"the service exited: {svc.tail()}")
+            v = self.metric(port, "analytics_events_stored_total")
+            if v is not None and v >= n:
+                return time.monotonic()
+            time.sleep(interval)
+        return None
+
+    def wait_assigned(self, svc: Child, port: int, timeout: float = 60) -> None:
+        def ready():
+            if not svc.alive():
+                die(f"the service exited: {svc.tail()}")
+            v = self.metric(port, "analytics_assigned_partitions")
+            return v is not None and v >= self.args.partitions
+
+        if not wait_until(timeout, ready, 0.1):
+            die(f"the service did not get its partitions within {timeout}s: {svc.tail()}")
+
+    # -- phases ---------------------------------------------------------------------------
+
+    def phase_preload(self) -> None:
+        n = self.args.events
+        self.topic = self.create_topic("load")
+        elapsed = self.produce(self.topic, n, 0, seed=42, name="preload")
+        self.res.add("preload", "produce rate", f"{fmt_int(n / elapsed)}/s",
+                     f"{fmt_int(n)} events, {self.args.partitions} partitions, {elapsed:.1f}s")
+
+    def phase_service(self) -> None:
+        n = self.args.events
+        url = self.fresh_db("svc")
+        self.svc_url = url
+        before = cpu_snapshot()
+        svc, port = self.start_service("service-throughput", url, self.topic)
+        rss = RssSampler(svc.pid)
+        first = None
+
+        def progress():
+            nonlocal first
+            if not svc.alive():
+                die(f"the service exited: {svc.tail()}")
+            v = self.metric(port, "analytics_events_stored_total")
+            if v and first is None:
+                first = time.monotonic()
+            return v is not None and v >= n
+
+        perf = self.start_perf() if self.args.profile else None
+        ok = wait_until(self.args.timeout, progress, 0.05)
+        done = time.monotonic()
+        after = cpu_snapshot()
+        if perf:
+            self.stop_perf(perf)
+        write_sum, batches = self.histogram(port, "analytics_db_write_duration_seconds")
+        rss.stop()
+        svc.stop()
+        if not ok:
+            die(f"the service stored fewer than {n} rows within {self.args.timeout}s")
+        rows = self.scalar(url, "SELECT count(*) FROM analytics.events")
+        distinct = self.scalar(
+            url, "SELECT count(DISTINCT (kafka_topic, kafka_partition, kafka_offset)) "
+                 "FROM analytics.events")
+        if rows != n or distinct != n:
+            die(f"service stored {rows} rows ({distinct} distinct), expected {n}")
+        total = done - svc.started
+        eps = n / total
+        steady = n / (done - first) if first and done > first else eps
+        self.res.values["service_eps"] = eps
+        self.res.values["service_rss_mib"] = rss.hwm_kib / 1024
+        self.res.add("service", "throughput", f"{fmt_int(eps)}/s",
+                     f"{fmt_int(n)} rows in {total:.2f}s from process start "
+                     f"(first row after {first - svc.started:.2f}s; {fmt_int(steady)}/s after it)")
+        wall = done - svc.started
+        self.res.add("service", "db write time", f"{write_sum / wall * 100:.0f}% of wall",
+                     f"{batches:.0f} batches, mean {1000 * write_sum / max(batches, 1):.1f} ms, "
+                     f"{n / max(batches, 1):.0f} events/batch")
+        self.res.add("service", "peak RSS", f"{rss.hwm_kib / 1024:.1f} MiB", "VmHWM")
+        roles = {svc.pid: "service"}
+        if self.tansu:
+            roles[self.tansu.pid] = "tansu"
+        cpu = cpu_breakdown(before, after, roles)
+        parts = ", ".join(
+            f"{k} {v / wall:.2f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]) if v > 0.05
+        )
+        self.res.add("service", "CPU (cores)", f"{sum(cpu.values()) / wall:.2f} of {os.cpu_count()}",
+                     parts)
+
+    def phase_copy(self) -> None:
+        n = self.args.events
+        dump = self.workdir / "rows.copy"
+        with self.connect(self.svc_url) as c, open(dump, "wb") as f:
+            with c.cursor().copy(
+                f"COPY (SELECT {EVENT_COLUMNS} FROM analytics.events ORDER BY id) TO STDOUT"
+            ) as cp:
+                for chunk in cp:
+                    f.write(chunk)
+            bounds = c.execute(
+                "SELECT c.relname, pg_get_expr(c.relpartbound, c.oid) FROM pg_inherits i "
+                "JOIN pg_class c ON c.oid = i.inhrelid "
+                "WHERE i.inhparent = 'analytics.events'::regclass"
+            ).fetchall()
+        url = self.fresh_db("copy")
+        with self.connect(url) as c:
+            existing = {r[0] for r in c.execute(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+                "WHERE i.inhparent = 'analytics.events'::regclass").fetchall()}
+            for name, bound in bounds:
+                if name not in existing:
+                    c.execute(f"CREATE TABLE analytics.{name} PARTITION OF analytics.events {bound}")
+        # psql's \copy streams the file over the same TCP connection type the service uses.
+        started = time.monotonic()
+        r = subprocess.run(
+            ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", url, "-c",
+             f"\\copy analytics.events ({EVENT_COLUMNS}) FROM '{dump}'"],
+            capture_output=True, text=True,
+        )
+        elapsed = time.monotonic() - started
+        if r.returncode != 0:
+            die(f"COPY failed: {r.stderr.strip()}")
+        rows = self.scalar(url, "SELECT count(*) FROM analytics.events")
+        if rows != n:
+            die(f"COPY loaded {rows} rows, expected {n}")
+        size = dump.stat().st_size
+        dump.unlink()
+        eps = n / elapsed
+        self.res.values["copy_eps"] = eps
+        self.res.add("limit", "COPY", f"{fmt_int(eps)}/s",
+                     f"same {fmt_int(n)} rows, same table and indexes, one COPY ({size / 2**20:.0f} MiB"
+                     f" text) in {elapsed:.2f}s")
+
+    def phase_broker(self) -> None:
+        n = self.args.events
+        child = self.spawn("broker-drain", [self.clients_bin, "drain", self.brokers, self.topic, n])
+        rc = child.proc.wait()
+        child.stop()
+        out = parse_json_line(child)
+        if rc != 0 or not out or out["records"] < n:
+            die(f"broker drain failed: {child.tail()}")
+        eps = n / out["elapsed_s"]
+        self.res.values["broker_eps"] = eps
+        self.res.add("limit", "broker consume", f"{fmt_int(eps)}/s",
+                     f"librdkafka consumer counting records, {out['elapsed_s']:.2f}s "
+                     f"(first record after {out['first_s']:.2f}s)")
+
+    def phase_naive(self) -> None:
+        n = self.args.events
+        url = self.fresh_db("naive")
+        child = self.spawn("naive", [self.clients_bin, "naive", self.brokers, self.topic, url, n,
+                                     self.args.naive_secs])
+        rc = child.proc.wait()
+        child.stop()
+        out = parse_json_line(child)
+        if rc != 0 or not out:
+            die(f"naive baseline failed: {child.tail()}")
+        rows = self.scalar(url, "SELECT count(*) FROM analytics.events")
+        span = max(out["last_s"] - out["first_s"], 1e-9)
+        eps = rows / span
+        self.res.values["naive_eps"] = eps
+        self.res.add("baseline", "naive (1 INSERT+commit/event)", f"{fmt_int(eps)}/s",
+                     f"Rust, one connection, {fmt_int(rows)} rows in {span:.1f}s "
+                     f"(capped at {self.args.naive_secs}s), {1000 * span / max(rows, 1):.2f} ms/event")
+
+    def phase_python(self) -> None:
+        n = self.args.events
+        best = 0.0
+        modes = ["executemany", "copy"] if self.args.python_mode == "both" else [self.args.python_mode]
+        for mode in modes:
+            url = self.fresh_db(f"py_{mode}")
+            env = dict(self.clean_env)
+            argv = [sys.executable, Path(__file__).resolve(), "--python-worker", mode,
+                    self.brokers, self.topic, url, str(n), str(self.args.session_timeout_ms)]
+            child = self.spawn(f"python-{mode}", argv, env)
+            rc = child.proc.wait(timeout=self.args.timeout)
+            child.stop()
+            out = parse_json_line(child)
+            if rc != 0 or not out:
+                die(f"python baseline ({mode}) failed: {child.tail()}")
+            total = out["done_wall"] - child.started_wall
+            rows = self.scalar(url, "SELECT count(*) FROM analytics.events")
+            if rows != n:
+                die(f"python baseline ({mode}) stored {rows} rows, expected {n}")
+            eps = n / total
+            best = max(best, eps)
+            self.res.add("baseline", f"python batched ({mode})", f"{fmt_int(eps)}/s",
+                         f"confluent-kafka + psycopg, batches of {out['batch']}, {total:.2f}s from "
+                         f"start ({fmt_int(n / max(out['done_s'] - out['first_s'], 1e-9))}/s after "
+                         f"first batch)")
+        self.res.values["python_eps"] = best
+
+    def phase_latency(self) -> None:
+        rate, secs, warm = self.args.rate, self.args.latency_secs, self.args.latency_warm_secs
+        count = rate * (warm + secs)
+        pg = self.ensure_private_pg()
+        url = self.fresh_db("latency", admin_url=pg.admin_url)
+        topic = self.create_topic("latency")
+        svc, port = self.start_service("service-latency", url, topic)
+        self.wait_assigned(svc, port)
+        rss = RssSampler(svc.pid)
+        started = time.monotonic()
+        self.produce(topic, count, rate, seed=7, name="produce-latency")
+        produce_s = time.monotonic() - started
+        ok = self.wait_stored(svc, port, count, timeout=120)
+        write_sum, batches = self.histogram(port, "analytics_db_write_duration_seconds")
+        rss.stop()
+        svc.stop()
+        if ok is None:
+            die(f"latency phase: fewer than {count} rows stored")
+        q = (
+            "SELECT count(*), "
+            "percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY {x}), max({x}) "
+            "FROM analytics.events WHERE \"timestamp\" >= "
+            "(SELECT min(\"timestamp\") FROM analytics.events) + make_interval(secs => %s)"
+        )
+        commit = "1000 * extract(epoch FROM pg_xact_commit_timestamp(xmin) - \"timestamp\")"
+        start = "1000 * extract(epoch FROM created_at - \"timestamp\")"
+        with self.connect(url) as c:
+            total = c.execute("SELECT count(*) FROM analytics.events").fetchone()[0]
+            rows, pc, pc_max = c.execute(q.format(x=commit), [warm]).fetchone()
+            _, ps, ps_max = c.execute(q.format(x=start), [warm]).fetchone()
+            _, pw, pw_max = c.execute(q.format(x=commit), [0]).fetchone()
+        if total != count:
+            die(f"latency phase stored {total} rows, expected {count}")
+        p50, p95, p99 = (float(x) for x in pc)
+        self.res.values["p99_ms"] = p99
+        self.res.values["rss_mib"] = rss.hwm_kib / 1024
+        self.res.add("latency", f"produce->commit @{fmt_int(rate)}/s",
+                     f"p50 {p50:.1f} / p95 {p95:.1f} / p99 {p99:.1f} ms",
+                     f"max {float(pc_max):.1f} ms; {fmt_int(rows)} events after a {warm}s warm-up "
+                     f"(excluded); commit time = pg_xact_commit_timestamp")
+        self.res.add("latency", "  including warm-up", f"p99 {float(pw[2]):.1f} ms",
+                     f"max {float(pw_max):.1f} ms; all {fmt_int(count)} events over {produce_s:.1f}s")
+        self.res.add("latency", "produce->created_at",
+                     f"p50 {float(ps[0]):.1f} / p95 {float(ps[1]):.1f} / p99 {float(ps[2]):.1f} ms",
+                     "created_at = now() = transaction start (commit is later)")
+        self.res.add("latency", "batches", f"{n_per(rows, batches)} events/batch",
+                     f"{batches:.0f} writes, mean {1000 * write_sum / max(batches, 1):.1f} ms")
+        self.res.add("latency", "peak RSS", f"{rss.hwm_kib / 1024:.1f} MiB", "VmHWM")
+
+    def phase_outage(self) -> None:
+        rate, down = self.args.rate, self.args.down_secs
+        warm, after = self.args.outage_warm_secs, self.args.outage_after_secs
+        count = rate * (warm + down + after)
+        pg = self.ensure_private_pg()
+        url = self.fresh_db("outage", admin_url=pg.admin_url)
+        topic = self.create_topic("outage")
+        svc, port = self.start_service("service-outage", url, topic)
+        self.wait_assigned(svc, port)
+        rss = RssSampler(svc.pid)
+        producer = self.produce(topic, count, rate, seed=9, name="produce-outage", background=True)
+        t0 = time.monotonic()
+        time.sleep(warm)
+        pg.stop()
+        t_down = time.monotonic()
+        log(f"outage: PostgreSQL stopped for {down}s under {fmt_int(rate)}/s")
+        time.sleep(down)
+        pg.start()
+        t_up = time.monotonic()
+        backlog = rate * (t_up - t0)
+        caught = None
+        while time.monotonic() - t_up < 120:
+            v = self.metric(port, "analytics_events_stored_total") or 0
+            if v >= backlog:
+                caught = time.monotonic()
+                break
+            time.sleep(0.05)
+        if producer.proc.wait(timeout=120) != 0:
+            die(f"outage producer failed: {producer.tail()}")
+        producer.stop()
+        ok = self.wait_stored(svc, port, count, timeout=120)
+        rss.stop()
+        paused_peak = rss.peak_mib(t_down, t_up)
+        svc.stop()
+        rows = self.scalar(url, "SELECT count(*) FROM analytics.events")
+        distinct = self.scalar(
+            url, "SELECT count(DISTINCT (kafka_topic, kafka_partition, kafka_offset)) "
+                 "FROM analytics.events")
+        if ok is None or rows != count or distinct != count:
+            die(f"outage phase: {rows} rows ({distinct} distinct), expected {count}")
+        self.res.values["outage_rss_mib"] = rss.hwm_kib / 1024
+        self.res.add("outage", f"DB down {down}s @{fmt_int(rate)}/s",
+                     f"peak RSS {paused_peak:.1f} MiB while down",
+                     f"{rss.hwm_kib / 1024:.1f} MiB VmHWM over the phase; all {fmt_int(count)} "
+                     f"events stored once")
+        if caught:
+            self.res.add("outage", "catch-up", f"{caught - t_up:.1f}s",
+                         f"{fmt_int(rate * down)}-event backlog drained after PostgreSQL came back")
+
+    # -- private PostgreSQL (latency and outage phases) ------------------------------------
+
+    def ensure_private_pg(self) -> "PrivatePostgres":
+        if self.private_pg is None:
+            self.private_pg = PrivatePostgres(self.workdir / "pg", self.logdir)
+            log(f"postgres: private cluster on port {self.private_pg.port} "
+                f"(track_commit_timestamp=on)")
+        return self.private_pg
+
+    # -- profiling ------------------------------------------------------------------------
+
+    def start_perf(self):
+        if not shutil.which("perf"):
+            log("perf not found; --profile ignored")
+            return None
+        out = self.logdir / "perf.data"
+        return subprocess.Popen(
+            ["perf", "record", "-a", "-g", "-F", "199", "-o", str(out)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+
+    def stop_perf(self, perf) -> None:
+        perf.send_signal(signal.SIGINT)
+        perf.wait(timeout=60)
+        out = self.logdir / "perf.data"
+        report = self.logdir / "perf-report.txt"
+        with open(report, "w") as f:
+            subprocess.run(["perf", "report", "-i", str(out), "--no-children", "--sort",
+                            "comm,dso", "--stdio"], stdout=f, stderr=subprocess.DEVNULL)
+        with open(self.logdir / "perf-symbols.txt", "w") as f:
+            subprocess.run(["perf", "report", "-i", str(out), "--no-children", "--sort",
+                            "comm,sym", "--stdio", "-g", "none"], stdout=f,
+                           stderr=subprocess.DEVNULL)
+        log(f"profile: {report} and perf-symbols.txt")
+
+    # -- driver -----------------------------------------------------------------------------
+
+    def run(self) -> int:
+        started = time.monotonic()
+        phases = [p for p in PHASES if p not in self.args.skip]
+        try:
+            self.start_broker()
+            for p in phases:
+                t = time.monotonic()
+                log(f"--- phase {p}")
+                getattr(self, f"phase_{p}")()
+                self.res.rows.append(("", "", "", ""))  # spacer
+                log(f"--- phase {p} took {time.monotonic() - t:.1f}s")
+        finally:
+            self.cleanup()
+        self.print_table(time.monotonic() - started)
+        return 0
+
+    def cleanup(self) -> None:
+        for child in reversed(self.children):
+            if child.alive():
+                child.stop(grace=30)
+        if self.private_pg is not None:
+            if self.args.keep:
+                log(f"kept private PostgreSQL: {self.private_pg.admin_url} (data {self.private_pg.data})")
+            else:
+                self.private_pg.destroy()
+        if not self.args.keep:
+            self.drop_databases()
+        if not self.args.keep:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def print_table(self, wall: float) -> None:
+        v = self.res.values
+        limit = min(v.get("copy_eps", 0) or float("inf"), v.get("broker_eps", 0) or float("inf"))
+        if limit == float("inf"):
+            limit = 0
+        svc = v.get("service_eps", 0)
+        r_limit = svc / limit if limit else 0
+        r_naive = svc / v["naive_eps"] if v.get("naive_eps") else 0
+        r_python = svc / v["python_eps"] if v.get("python_eps") else 0
+        rows = [r for r in self.res.rows]
+        while rows and rows[-1] == ("", "", "", ""):
+            rows.pop()
+        rows += [("", "", "", ""),
+                 ("ratio", "service / limit", f"{r_limit:.2f}",
+                  f"limit = min(COPY, broker) = {fmt_int(limit)}/s (target >= 0.5)"),
+                 ("ratio", "service / naive", f"{r_naive:.1f}", "target >= 20"),
+                 ("ratio", "service / python", f"{r_python:.1f}", "target >= 3")]
+        w = [max(len(r[i]) for r in rows + [("phase", "metric", "value", "")]) for i in range(3)]
+        print()
+        print(f"nexus-analytics benchmark ({'quick' if self.args.quick else 'full'}: "
+              f"{fmt_int(self.args.events)} events, {self.args.partitions} partitions, "
+              f"{os.cpu_count()} CPUs, {wall:.0f}s wall)")
+        print(f"{'phase':<{w[0]}}  {'metric':<{w[1]}}  {'value':>{w[2]}}  detail")
+        print("-" * (w[0] + w[1] + w[2] + 40))
+        for p, m, val, d in rows:
+            if (p, m, val, d) == ("", "", "", ""):
+                print()
+                continue
+            print(f"{p:<{w[0]}}  {m:<{w[1]}}  {val:>{w[2]}}  {d}")
+        print(f"\nservice settings: {settings_line(self.service_env())}")
+        print(f"logs: {self.logdir}")
+        print(
+            f"RESULT service_eps={svc:.0f} copy_eps={v.get('copy_eps', 0):.0f} "
+            f"broker_eps={v.get('broker_eps', 0):.0f} naive_eps={v.get('naive_eps', 0):.0f} "
+            f"python_eps={v.get('python_eps', 0):.0f} ratio_vs_limit={r_limit:.2f} "
+            f"ratio_vs_naive={r_naive:.1f} ratio_vs_python={r_python:.1f} "
+            f"p99_ms={v.get('p99_ms', 0):.1f} rss_mib={v.get('rss_mib', 0):.1f}",
+            flush=True,
+        )
+
+
+PHASES = ["preload", "service", "copy", "broker", "naive", "python", "latency", "outage"]
+
+
+def n_per(rows: float, batches: float) -> str:
+    return f"{rows / batches:.0f}" if batches else "-"
+
+
+def settings_line(env: dict) -> str:
+    keys = ["BATCH_MAX_EVENTS", "BATCH_MAX_BYTES", "BATCH_LINGER_MS", "DATABASE_POOL_SIZE",
+            "FETCH_BUFFER_KBYTES", "KAFKA_SESSION_TIMEOUT_MS"]
+    parts = [f"{k}={env[k]}" for k in keys if k in env]
+    parts += [f"{k}={v}" for k, v in sorted(env.items()) if k.startswith("KAFKA_PROPERTY_")]
+    return " ".join(parts) + " (others: service defaults)"
+
+
+def parse_json_line(child: Child) -> dict | None:
+    try:
+        lines = child.log_path.read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except ValueError:
+                continue
+    return None
+
+
+def with_database(url: str, name: str) -> str:
+    from urllib.parse import urlsplit, urlunsplit
+
+    u = urlsplit(url)
+    return urlunsplit((u.scheme, u.netloc, f"/{name}", u.query, u.fragment))
+
+
+class PrivatePostgres:
+    """initdb + pg_ctl cluster on a free port (as the postgres OS user when run as root)."""
+
+    def __init__(self, base: Path, logdir: Path):
+        self.bin = pg_bin_dir()
+        self.base = base
+        self.data = base / "data"
+        self.log = logdir / "private-postgres.log"
+        self.port = free_port()
+        base.mkdir(parents=True, exist_ok=True)
+        self._chown(base.parent)
+        self._chown(base)
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+        self.start()
+
+    def _chown(self, path: Path) -> None:
+        if os.geteuid() == 0:
+            shutil.chown(path, "postgres", "postgres")
+
+    def _run(self, prog: str, *args: str) -> None:
+        argv = [str(self.bin / prog), *args]
+        if os.geteuid() == 0:
+            argv = ["runuser", "-u", "postgres", "--", *argv]
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        if r.returncode != 0:
+            die(f"{prog} failed: {r.stderr.strip() or r.stdout.strip()}")
+
+    @property
+    def admin_url(self) -> str:
+        return f"postgres://postgres@127.0.0.1:{self.port}/postgres"
+
+    def start(self) -> None:
+        if os.geteuid() == 0 and not self.log.exists():
+            self.log.touch()
+            shutil.chown(self.log, "postgres", "postgres")
+        # Same durability as the system cluster (fsync and synchronous_commit on); commit
+        # timestamps on, so latency is measured to the real commit.
+        opts = (f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 "
+                f"-c track_commit_timestamp=on")
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", opts, "-w", "start")
+
+    def stop(self) -> None:
+        """Stops immediately, like a crash."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop")
+
+    def destroy(self) -> None:
+        argv = [str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "immediate", "-w", "stop"]
+        if os.geteuid() == 0:
+            argv = ["runuser", "-u", "postgres", "--", *argv]
+        subprocess.run(argv, capture_output=True, timeout=60)
+        shutil.rmtree(self.base, ignore_errors=True)
+
+
+def pg_bin_dir() -> Path:
+    if os.environ.get("PG_BIN_DIR"):
+        return Path(os.environ["PG_BIN_DIR"])
+    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"),
+                      key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
+    if not versions:
+        die("no PostgreSQL server binaries (set PG_BIN_DIR)")
+    return versions[-1].parent
+
+
+# ------------------------------------------------------------------- the Python baseline
+
+
+def python_worker(mode: str, brokers: str, topic: str, url: str, n: int, session_ms: int) -> None:
+    """What a team would write: a batched consumer with confluent-kafka and psycopg.
+
+    Poll up to BATCH records, decode JSON, insert them in one transaction (executemany with
+    ON CONFLICT DO NOTHING, or COPY into a temporary table then INSERT ... SELECT ON CONFLICT),
+    commit, then commit the Kafka offsets. Same delivery guarantee as the service (the offsets
+    follow the database commit; redeliveries are skipped by the unique key).
+    """
+    import psycopg
+    from confluent_kafka import Consumer
+
+    batch = 5000
+    consumer = Consumer({
+        "bootstrap.servers": brokers,
+        "group.id": f"py-{mode}-{topic}",
+        "auto.offset.reset": "earliest",
+        "enable.auto.commit": False,
+        "session.timeout.ms": session_ms,
+    })
+    consumer.subscribe([topic])
+    conn = psycopg.connect(url)
+    insert = (f"INSERT INTO analytics.events ({EVENT_COLUMNS}) "
+              "VALUES (%s, %s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING")
+    if mode == "copy":
+        conn.execute("CREATE TEMP TABLE staging (event_type text, user_id text, service text, "
+                     "\"timestamp\" timestamptz, data jsonb, kafka_topic text, kafka_partition int, "
+                     "kafka_offset bigint) ON COMMIT DELETE ROWS")
+        conn.commit()
+    stored, first = 0, None
+    dumps = json.dumps
+    while stored < n:
+        msgs = consumer.consume(num_messages=batch, timeout=0.2)
+        if not msgs:
+            continue
+        if first is None:
+            first = time.time()
+        rows = []
+        for m in msgs:
+            if m.error():
+                continue
+            try:
+                e = json.loads(m.value())
+                data = e.get("data")
+                rows.append((e["event_type"], e["user_id"], e["service"], e["timestamp"],
+                             None if data is None else dumps(data), m.topic(), m.partition(),
+                             m.offset()))
+            except (ValueError, KeyError):
+                continue  # a real consumer would dead-letter it
+        with conn.cursor() as cur:
+            if mode == "executemany":
+                cur.executemany(insert, rows)
+            else:
+                with cur.copy(f"COPY staging ({EVENT_COLUMNS}) FROM STDIN") as cp:
+                    for r in rows:
+                        cp.write_row(r)
+                cur.execute(f"INSERT INTO analytics.events ({EVENT_COLUMNS}) "
+                            f"SELECT {EVENT_COLUMNS} FROM staging ON CONFLICT DO NOTHING")
+        conn.commit()
+        consumer.commit(asynchronous=False)
+        stored += len(rows)
+    done = time.time()
+    consumer.close()
+    print(json.dumps({"mode": mode, "records": stored, "batch": batch,
+                      "first_s": first or done, "done_s": done, "done_wall": done}), flush=True)
+
+
+# ----------------------------------------------------------------------------------- main
+
+
+def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "--python-worker":
+        mode, brokers, topic, url, n, session_ms = sys.argv[2:8]
+        python_worker(mode, brokers, topic, url, int(n), int(session_ms))
+        return 0
+    p = argparse.ArgumentParser(
+        prog="scripts/bench",
+        description="End-to-end benchmark: service vs COPY/broker limit vs naive and Python "
+                    "baselines, latency at a fixed rate, memory, DB outage. Prints a table and "
+                    "a RESULT line last.",
+    )
+    p.add_argument("--quick", action="store_true",
+                   help="CI-sized run: 100k events, latency 15s, outage 10s, naive 10s")
+    p.add_argument("--events", type=int, help="events to pre-load (default 1,000,000)")
+    p.add_argument("--partitions", type=int, default=6)
+    p.add_argument("--rate", type=int, default=10_000, help="offered rate of latency/outage")
+    p.add_argument("--latency-secs", type=int, help="default 60 (quick: 15)")
+    p.add_argument("--down-secs", type=int, help="PostgreSQL outage (default 30, quick: 10)")
+    p.add_argument("--naive-secs", type=float, help="time cap of the naive baseline (20/10)")
+    p.add_argument("--python-mode", choices=["both", "executemany", "copy"], default="both")
+    p.add_argument("--users", type=int, default=10_000)
+    p.add_argument("--session-timeout-ms", type=int, default=6000,
+                   help="group session timeout of the service and Python consumer")
+    p.add_argument("--service-env", action="append", default=[], metavar="K=V",
+                   help="extra environment for the service (repeatable), e.g. BATCH_MAX_EVENTS=5000")
+    p.add_argument("--skip", action="append", default=[], choices=PHASES,
+                   help="skip a phase (repeatable)")
+    p.add_argument("--profile", action="store_true",
+                   help="perf record -a during the service phase (reports in the log dir)")
+    p.add_argument("--bin", default=os.environ.get("NEXUS_BIN",
+                                                   str(ROOT / "target/release/nexus-analytics")))
+    p.add_argument("--clients-bin", default=os.environ.get(
+        "BENCH_CLIENTS_BIN", str(ROOT / "target/release/examples/bench_clients")))
+    p.add_argument("--tansu", default=os.environ.get("TANSU_BIN", str(ROOT / ".tools/bin/tansu")))
+    p.add_argument("--brokers", help="use this broker instead of a private tansu")
+    p.add_argument("--admin-url", default=os.environ.get(
+        "BENCH_DATABASE_URL", os.environ.get("TEST_DATABASE_URL",
+                                             "postgres://postgres@127.0.0.1:5432/postgres")),
+                   help="admin URL of the PostgreSQL for the throughput phases")
+    p.add_argument("--timeout", type=float, default=900, help="per-phase timeout (s)")
+    p.add_argument("--keep", action="store_true", help="keep the databases")
+    p.add_argument("--log-dir")
+    args = p.parse_args()
+    q = args.quick
+    args.events = args.events or (100_000 if q else 1_000_000)
+    args.latency_secs = args.latency_secs or (15 if q else 60)
+    args.down_secs = args.down_secs or (10 if q else 30)
+    args.naive_secs = args.naive_secs or (10 if q else 20)
+    args.outage_warm_secs = 3 if q else 5
+    args.latency_warm_secs = 3 if q else 5
+    args.outage_after_secs = 3 if q else 5
+    for path, what in ((args.bin, "nexus-analytics"), (args.clients_bin, "bench_clients"),
+                       (args.tansu, "tansu")):
+        if not Path(path).exists() and not (what == "tansu" and args.brokers):
+            die(f"{what} not found at {path}")
+    return Bench(args).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
