@@ -289,7 +289,7 @@ impl ApiError {
     /// Maps a database error to 503 (the database cannot answer now) or 500, logging what
     /// happened without connection details.
     fn database(e: &sqlx::Error, statement_timeout: Duration) -> Self {
-        let description = describe(e);
+        let description = crate::storage::describe_error(e);
         match e {
             sqlx::Error::Database(db) => {
                 let code = db.code().unwrap_or_default();
@@ -347,21 +347,6 @@ impl IntoResponse for ApiError {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         response
-    }
-}
-
-/// A description of an sqlx error that never includes connection strings.
-fn describe(e: &sqlx::Error) -> String {
-    match e {
-        sqlx::Error::Configuration(_) => "invalid connection configuration".into(),
-        sqlx::Error::Database(db) => {
-            format!("{} (SQLSTATE {})", db.message(), db.code().unwrap_or_default())
-        }
-        sqlx::Error::Io(io) => format!("I/O error: {io}"),
-        sqlx::Error::Tls(_) => "TLS error".into(),
-        sqlx::Error::PoolTimedOut => "timed out waiting for a connection".into(),
-        sqlx::Error::PoolClosed => "pool closed".into(),
-        other => other.to_string(),
     }
 }
 
@@ -741,7 +726,7 @@ FROM analytics.events WHERE TRUE"#,
 
     let mut events =
         rows.iter().map(event_from_row).collect::<Result<Vec<_>, _>>().map_err(|e| {
-            tracing::error!(error = %describe(&e), "query API: unexpected row shape");
+            tracing::error!(error = %crate::storage::describe_error(&e), "query API: unexpected row shape");
             ApiError::internal()
         })?;
     let next_cursor = if events.len() > limit {
@@ -1092,7 +1077,7 @@ FROM analytics.event_counts WHERE bucket >= $2 AND bucket < $3"
         })
         .collect::<Result<Vec<_>, sqlx::Error>>()
         .map_err(|e| {
-            tracing::error!(error = %describe(&e), "query API: unexpected row shape");
+            tracing::error!(error = %crate::storage::describe_error(&e), "query API: unexpected row shape");
             ApiError::internal()
         })?;
     Ok(CountsResponse { bucket, group_by, from, to, series })

@@ -64,12 +64,7 @@ pub struct MaintenanceError(String);
 
 impl From<sqlx::Error> for MaintenanceError {
     fn from(e: sqlx::Error) -> Self {
-        match &e {
-            sqlx::Error::Database(db) => {
-                Self(format!("{} (SQLSTATE {})", db.message(), db.code().unwrap_or_default()))
-            }
-            other => Self(other.to_string()),
-        }
+        Self(crate::storage::describe_error(&e))
     }
 }
 

@@ -94,7 +94,7 @@ impl EventStore {
         write_timeout: Duration,
     ) -> Result<Self, StorageError> {
         let options: PgConnectOptions = url.parse().map_err(|e: sqlx::Error| {
-            StorageError::Unavailable(format!("bad DATABASE_URL: {}", kind(&e)))
+            StorageError::Unavailable(format!("bad DATABASE_URL: {}", describe_error(&e)))
         })?;
         let pool = PgPoolOptions::new()
             .max_connections(pool_size)
@@ -119,7 +119,7 @@ impl EventStore {
     pub async fn ping(&self, timeout: Duration) -> Result<(), StorageError> {
         match tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(&self.pool)).await {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(StorageError::Unavailable(kind(&e))),
+            Ok(Err(e)) => Err(StorageError::Unavailable(describe_error(&e))),
             Err(_) => Err(StorageError::Unavailable(format!("no answer within {timeout:?}"))),
         }
     }
@@ -192,7 +192,8 @@ impl EventStore {
         let started = Instant::now();
         match tokio::time::timeout(self.write_timeout, query.fetch_one(&self.pool)).await {
             Ok(Ok(row)) => {
-                let inserted: i64 = row.try_get(0).map_err(|e| Failure::Unavailable(kind(&e)))?;
+                let inserted: i64 =
+                    row.try_get(0).map_err(|e| Failure::Unavailable(describe_error(&e)))?;
                 Ok(inserted as u64)
             }
             Ok(Err(e)) => Err(classify(&e)),
@@ -223,12 +224,13 @@ fn classify(e: &sqlx::Error) -> Failure {
             }
         }
         sqlx::Error::Encode(err) => Failure::Rejected(err.to_string()),
-        other => Failure::Unavailable(kind(other)),
+        other => Failure::Unavailable(describe_error(other)),
     }
 }
 
-/// A description of an sqlx error that never includes connection strings.
-fn kind(e: &sqlx::Error) -> String {
+/// A description of an sqlx error that never includes connection strings; shared by every
+/// database path (writes, API, maintenance) so none can leak a password in a message.
+pub fn describe_error(e: &sqlx::Error) -> String {
     match e {
         sqlx::Error::Configuration(_) => "invalid connection configuration".into(),
         sqlx::Error::Database(db) => {

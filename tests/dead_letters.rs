@@ -81,14 +81,8 @@ fn malformed_records_are_dead_lettered_and_neighbours_stored() {
     produce_raw(&broker.bootstrap(), &topic, &records);
 
     let bootstrap = broker.bootstrap();
-    let group = unique("group");
-    let svc = Service::start(&[
-        ("KAFKA_BROKERS", &bootstrap),
-        ("KAFKA_TOPICS", &topic),
-        ("KAFKA_DLQ_TOPIC", &dlq),
-        ("KAFKA_GROUP_ID", &group),
-        ("DATABASE_URL", &db.url),
-    ]);
+    let svc = Service::consuming(&bootstrap, &topic, &db.url, &[]);
+    let group = svc.setting("KAFKA_GROUP_ID").unwrap_or_default().to_string();
     assert!(
         wait_until(Duration::from_secs(60), || db.rows() >= good_count),
         "only {} good rows\n{}",

@@ -191,15 +191,7 @@ fn database_outage_pauses_then_resumes_without_loss_or_duplicates() {
     let pg = PrivatePostgres::start();
     let url = pg.url();
     let bootstrap = broker.bootstrap();
-    let group = unique("group");
-    let svc = Service::start(&[
-        ("KAFKA_BROKERS", &bootstrap),
-        ("KAFKA_TOPICS", &topic),
-        ("KAFKA_DLQ_TOPIC", &dlq),
-        ("KAFKA_GROUP_ID", &group),
-        ("DATABASE_URL", &url),
-        ("DATABASE_WRITE_TIMEOUT_SECS", "3"),
-    ]);
+    let svc = Service::consuming(&bootstrap, &topic, &url, &[("DATABASE_WRITE_TIMEOUT_SECS", "3")]);
     svc.wait_ready(Duration::from_secs(30));
     let (b, t) = (bootstrap.clone(), topic.clone());
     let producer = std::thread::spawn(move || produce_demo(&b, &t, 15_000, 1500, 5));
@@ -263,15 +255,7 @@ fn broker_outage_flips_readiness_but_not_liveness() {
     broker.create_topic(&topic, 2);
     let db = TestDb::create();
     let bootstrap = broker.bootstrap();
-    let group = unique("group");
-    let dlq = format!("{topic}.dlq");
-    let svc = Service::start(&[
-        ("KAFKA_BROKERS", &bootstrap),
-        ("KAFKA_TOPICS", &topic),
-        ("KAFKA_DLQ_TOPIC", &dlq),
-        ("KAFKA_GROUP_ID", &group),
-        ("DATABASE_URL", &db.url),
-    ]);
+    let svc = Service::consuming(&bootstrap, &topic, &db.url, &[]);
     svc.wait_ready(Duration::from_secs(30));
     broker.kill();
     let down = std::time::Instant::now();

@@ -79,20 +79,6 @@ impl Drop for Prometheus {
     }
 }
 
-fn start_service(bootstrap: &str, topic: &str, db: &TestDb, extra: &[(&str, &str)]) -> Service {
-    let group = unique("group");
-    let dlq = format!("{topic}.dlq");
-    let mut env = vec![
-        ("KAFKA_BROKERS", bootstrap),
-        ("KAFKA_TOPICS", topic),
-        ("KAFKA_DLQ_TOPIC", dlq.as_str()),
-        ("KAFKA_GROUP_ID", group.as_str()),
-        ("DATABASE_URL", db.url.as_str()),
-    ];
-    env.extend_from_slice(extra);
-    Service::start(&env)
-}
-
 #[test]
 fn a_real_prometheus_scrapes_rates_lag_and_stored_total() {
     let broker = Broker::start();
@@ -100,7 +86,7 @@ fn a_real_prometheus_scrapes_rates_lag_and_stored_total() {
     broker.create_topic(&topic, 3);
     broker.create_topic(&format!("{topic}.dlq"), 1);
     let db = TestDb::create();
-    let svc = start_service(&broker.bootstrap(), &topic, &db, &[]);
+    let svc = Service::consuming(&broker.bootstrap(), &topic, &db.url, &[]);
     svc.wait_ready(Duration::from_secs(30));
     let prom = Prometheus::scraping(svc.port);
     let produced = produce_demo(&broker.bootstrap(), &topic, 3000, 1000, 11) as i64;
@@ -141,7 +127,7 @@ fn promtool_accepts_the_live_exposition() {
     let topic = unique("events");
     broker.create_topic(&topic, 2);
     let db = TestDb::create();
-    let svc = start_service(&broker.bootstrap(), &topic, &db, &[]);
+    let svc = Service::consuming(&broker.bootstrap(), &topic, &db.url, &[]);
     svc.wait_ready(Duration::from_secs(30));
     produce_demo(&broker.bootstrap(), &topic, 200, 0, 12);
     assert!(wait_until(Duration::from_secs(30), || db.rows() >= 200));
@@ -176,7 +162,8 @@ fn lag_equals_unconsumed_events_and_drains_to_zero() {
     // Hide the table: writes fail, the consumer pauses, nothing is committed.
     let db = TestDb::create();
     run_sql(&db.url, "ALTER TABLE analytics.events RENAME TO events_hidden");
-    let svc = start_service(&bootstrap, &topic, &db, &[("KAFKA_SESSION_TIMEOUT_MS", "4000")]);
+    let svc =
+        Service::consuming(&bootstrap, &topic, &db.url, &[("KAFKA_SESSION_TIMEOUT_MS", "4000")]);
     let full = wait_until(Duration::from_secs(40), || {
         svc.metric("analytics_consumer_instance_lag") == Some(produced as f64)
     });
@@ -283,10 +270,10 @@ fn batch_spans_are_exported_with_links_to_producer_traces() {
         })
         .collect();
     produce_raw(&broker.bootstrap(), &topic, &records);
-    let svc = start_service(
+    let svc = Service::consuming(
         &broker.bootstrap(),
         &topic,
-        &db,
+        &db.url,
         &[("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)],
     );
     assert!(wait_until(Duration::from_secs(30), || db.rows() >= 20));

@@ -47,16 +47,8 @@ fn rules_skip_forward_and_store_in_order() {
     produce_raw(&broker.bootstrap(), &topic, &records);
 
     let bootstrap = broker.bootstrap();
-    let group = unique("group");
     let dlq = format!("{topic}.dlq");
-    let svc = Service::start(&[
-        ("KAFKA_BROKERS", &bootstrap),
-        ("KAFKA_TOPICS", &topic),
-        ("KAFKA_DLQ_TOPIC", &dlq),
-        ("KAFKA_GROUP_ID", &group),
-        ("DATABASE_URL", &db.url),
-        ("ROUTING_RULES", &rules),
-    ]);
+    let svc = Service::consuming(&bootstrap, &topic, &db.url, &[("ROUTING_RULES", &rules)]);
     let done = wait_until(Duration::from_secs(60), || {
         svc.metric("analytics_routing_rule_hits_total{rule=\"billing-only\"}") == Some(10.0)
             && db.rows() >= 20

@@ -540,6 +540,32 @@ impl Service {
         self.child = Some(child);
     }
 
+    /// Starts a consumer of `topic` in a fresh group, dead letters to `{topic}.dlq`, writing to
+    /// `database_url`, plus `extra` settings.
+    pub fn consuming(
+        bootstrap: &str,
+        topic: &str,
+        database_url: &str,
+        extra: &[(&str, &str)],
+    ) -> Self {
+        let group = unique("group");
+        let dlq = format!("{topic}.dlq");
+        let mut env = vec![
+            ("KAFKA_BROKERS", bootstrap),
+            ("KAFKA_TOPICS", topic),
+            ("KAFKA_DLQ_TOPIC", dlq.as_str()),
+            ("KAFKA_GROUP_ID", group.as_str()),
+            ("DATABASE_URL", database_url),
+        ];
+        env.extend_from_slice(extra);
+        Self::start(&env)
+    }
+
+    /// The value the service was started with for `key`.
+    pub fn setting(&self, key: &str) -> Option<&str> {
+        self.env.iter().rev().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
+
     /// Starts the same configuration again (after a kill or exit).
     pub fn restart(&mut self) {
         if let Some(mut c) = self.child.take() {
