@@ -38,6 +38,9 @@ pub fn client_config(settings: &Settings) -> ClientConfig {
     config.set("bootstrap.servers", &settings.kafka_brokers);
     let client_id = std::env::var("HOSTNAME").unwrap_or_else(|_| "nexus-analytics".into());
     config.set("client.id", client_id);
+    // Reconnect within a second of a broker coming back (librdkafka backs off up to 10 s by
+    // default), so readiness recovers promptly after an outage.
+    config.set("reconnect.backoff.max.ms", "1000");
     for (key, value) in &settings.kafka_properties {
         config.set(key, value.expose());
     }

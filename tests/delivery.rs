@@ -270,10 +270,18 @@ fn broker_outage_flips_readiness_but_not_liveness() {
     broker.restart();
     broker.create_topic(&topic, 2);
     let up = std::time::Instant::now();
+    // tansu's memory storage comes back as an empty cluster, so the group is formed anew;
+    // typically ready again in about 4 s. The generous bound only keeps a loaded CI machine
+    // from failing the test; the measured time is printed.
+    let recovered =
+        wait_until(Duration::from_secs(60), || matches!(svc.get("/readyz"), Some((200, _))));
+    let log = svc.log_text();
+    let tail: Vec<&str> = log.lines().rev().take(15).collect();
     assert!(
-        wait_until(Duration::from_secs(30), || matches!(svc.get("/readyz"), Some((200, _)))),
-        "not ready after the broker returned: {:?}",
-        svc.get("/readyz")
+        recovered,
+        "not ready after the broker returned: {:?}\n{}",
+        svc.get("/readyz"),
+        tail.join("\n")
     );
     eprintln!(
         "kafka readiness flipped {flipped_after:?} after the broker died, recovered {:?} after restart",
