@@ -37,6 +37,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+
+# Service settings the benchmark runs with unless --service-defaults (each is documented in
+# docs/benchmark.md). Batches of up to 10,000 events amortise the per-transaction cost under a
+# backlog; a 10 ms linger keeps latency low at moderate rates. fetch.wait.max.ms=50 works around
+# tansu, which answers a Fetch only when fetch.wait.max.ms expires if the partition was empty
+# when the request arrived (Kafka answers as soon as data arrives): with librdkafka's default
+# of 500 ms every event waits ~250 ms at the broker; 10 ms costs tansu ~0.3 more cores.
+BENCH_PROFILE = {
+    "BATCH_MAX_EVENTS": "10000",
+    "BATCH_LINGER_MS": "10",
+    "KAFKA_PROPERTY_FETCH_WAIT_MAX_MS": "50",
+}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 EVENT_COLUMNS = (
     'event_type, user_id, service, "timestamp", data, kafka_topic, kafka_partition, kafka_offset'
@@ -117,10 +129,14 @@ class RssSampler:
         ]
         return max(vals) / 1024 if vals else 0.0
 
-    def stop(self) -> None:
+    def stop(self, csv: Path | None = None) -> None:
         self.hwm_kib = max(self.hwm_kib, proc_status_kib(self.pid, "VmHWM") or 0)
         self._stop.set()
         self._thread.join(timeout=2)
+        if csv is not None and self.samples:
+            t0 = self.samples[0][0]
+            csv.write_text("seconds,rss_kib\n" + "".join(
+                f"{t - t0:.2f},{r}\n" for t, r in self.samples))
 
 
 def cpu_snapshot() -> dict[int, tuple[str, int]]:
@@ -264,11 +280,19 @@ class Bench:
                 "SHUTDOWN_TIMEOUT_SECS": "20",
             }
         )
-        for kv in self.args.service_env:
-            k, _, v = kv.partition("=")
-            env[k] = v
+        env.update(self.settings())
         env.update({k: str(v) for k, v in extra.items()})
         return env
+
+    def settings(self) -> dict:
+        """What the benchmark sets on top of the service's defaults."""
+        out = {"KAFKA_SESSION_TIMEOUT_MS": str(self.args.session_timeout_ms)}
+        if not self.args.service_defaults:
+            out.update(BENCH_PROFILE)
+        for kv in self.args.service_env:
+            k, _, v = kv.partition("=")
+            out[k] = v
+        return out
 
     def spawn(self, name: str, argv: list[str], env: dict | None = None) -> Child:
         child = Child(name, [str(a) for a in argv], env or dict(self.clean_env), self.logdir,
@@ -335,7 +359,8 @@ class Bench:
         name = f"na_bench_{phase}_{self.id}"
         with self.connect(admin) as c:
             c.execute(f"CREATE DATABASE {name}")
-        self.databases.append((admin, name))
+        if admin_url is None:
+            self.databases.append((admin, name))
         url = with_database(admin, name)
         if migrate:
             env = dict(self.clean_env, DATABASE_URL=url, LOG_LEVEL="warn")
@@ -448,7 +473,7 @@ class Bench:
         if perf:
             self.stop_perf(perf)
         write_sum, batches = self.histogram(port, "analytics_db_write_duration_seconds")
-        rss.stop()
+        rss.stop(self.logdir / "rss-service.csv")
         svc.stop()
         if not ok:
             die(f"the service stored fewer than {n} rows within {self.args.timeout}s")
@@ -467,9 +492,13 @@ class Bench:
                      f"{fmt_int(n)} rows in {total:.2f}s from process start "
                      f"(first row after {first - svc.started:.2f}s; {fmt_int(steady)}/s after it)")
         wall = done - svc.started
-        self.res.add("service", "db write time", f"{write_sum / wall * 100:.0f}% of wall",
-                     f"{batches:.0f} batches, mean {1000 * write_sum / max(batches, 1):.1f} ms, "
-                     f"{n / max(batches, 1):.0f} events/batch")
+        startup = (first or done) - svc.started
+        self.res.add("service", "time budget",
+                     f"{startup:.1f} + {write_sum:.1f} + {max(wall - startup - write_sum, 0):.1f} s",
+                     "start-up to first row (group join) + database writes + consume/decode/commit")
+        self.res.add("service", "batches", f"{n / max(batches, 1):.0f} events/batch",
+                     f"{batches:.0f} writes, mean {1000 * write_sum / max(batches, 1):.1f} ms "
+                     f"({1e6 * write_sum / n:.1f} µs/row)")
         self.res.add("service", "peak RSS", f"{rss.hwm_kib / 1024:.1f} MiB", "VmHWM")
         roles = {svc.pid: "service"}
         if self.tansu:
@@ -592,12 +621,21 @@ class Bench:
         svc, port = self.start_service("service-latency", url, topic)
         self.wait_assigned(svc, port)
         rss = RssSampler(svc.pid)
+        # The broker's own delivery latency on the same topic at the same time: a plain
+        # librdkafka consumer with the service's fetch settings, no database.
+        probe_env = dict(self.clean_env)
+        probe_env.update({k: v for k, v in self.settings().items() if k.startswith("KAFKA_PROPERTY_")})
+        probe = self.spawn("broker-latency", [self.clients_bin, "latency", self.brokers, topic,
+                                              count, warm], probe_env)
+        before = cpu_snapshot()
         started = time.monotonic()
         self.produce(topic, count, rate, seed=7, name="produce-latency")
         produce_s = time.monotonic() - started
         ok = self.wait_stored(svc, port, count, timeout=120)
+        wall = time.monotonic() - started
+        after = cpu_snapshot()
         write_sum, batches = self.histogram(port, "analytics_db_write_duration_seconds")
-        rss.stop()
+        rss.stop(self.logdir / "rss-latency.csv")
         svc.stop()
         if ok is None:
             die(f"latency phase: fewer than {count} rows stored")
@@ -614,8 +652,17 @@ class Bench:
             rows, pc, pc_max = c.execute(q.format(x=commit), [warm]).fetchone()
             _, ps, ps_max = c.execute(q.format(x=start), [warm]).fetchone()
             _, pw, pw_max = c.execute(q.format(x=commit), [0]).fetchone()
+            _, pd, pd_max = c.execute(q.format(
+                x="1000 * extract(epoch FROM pg_xact_commit_timestamp(xmin) - created_at)"),
+                [warm]).fetchone()
         if total != count:
             die(f"latency phase stored {total} rows, expected {count}")
+        try:
+            probe.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        probe.stop()
+        broker = parse_json_line(probe)
         p50, p95, p99 = (float(x) for x in pc)
         self.res.values["p99_ms"] = p99
         self.res.values["rss_mib"] = rss.hwm_kib / 1024
@@ -628,8 +675,24 @@ class Bench:
         self.res.add("latency", "produce->created_at",
                      f"p50 {float(ps[0]):.1f} / p95 {float(ps[1]):.1f} / p99 {float(ps[2]):.1f} ms",
                      "created_at = now() = transaction start (commit is later)")
-        self.res.add("latency", "batches", f"{n_per(rows, batches)} events/batch",
+        if broker and broker.get("measured"):
+            self.res.add("latency", "  broker alone (same topic)",
+                         f"p50 {broker['p50_ms']:.1f} / p95 {broker['p95_ms']:.1f} / "
+                         f"p99 {broker['p99_ms']:.1f} ms",
+                         f"max {broker['max_ms']:.1f} ms; produce -> received by a plain consumer "
+                         "(the floor for the service)")
+        self.res.add("latency", "  of which in the database",
+                     f"p50 {float(pd[0]):.1f} / p95 {float(pd[1]):.1f} / p99 {float(pd[2]):.1f} ms",
+                     "transaction start -> commit")
+        self.res.add("latency", "batches", f"{n_per(count, batches)} events/batch",
                      f"{batches:.0f} writes, mean {1000 * write_sum / max(batches, 1):.1f} ms")
+        roles = {svc.pid: "service"}
+        if self.tansu:
+            roles[self.tansu.pid] = "tansu"
+        cpu = cpu_breakdown(before, after, roles)
+        self.res.add("latency", "CPU (cores)", f"{sum(cpu.values()) / wall:.2f} of {os.cpu_count()}",
+                     ", ".join(f"{k} {v / wall:.2f}" for k, v in
+                               sorted(cpu.items(), key=lambda kv: -kv[1]) if v > 0.05))
         self.res.add("latency", "peak RSS", f"{rss.hwm_kib / 1024:.1f} MiB", "VmHWM")
 
     def phase_outage(self) -> None:
@@ -653,30 +716,39 @@ class Bench:
         t_up = time.monotonic()
         backlog = rate * (t_up - t0)
         caught = None
+
+        def handled() -> float:
+            # Rows stored + redeliveries skipped (a batch in flight at the crash may have
+            # committed without the service knowing; it is written again and skipped).
+            return ((self.metric(port, "analytics_events_stored_total") or 0)
+                    + (self.metric(port, "analytics_events_duplicates_total") or 0))
+
         while time.monotonic() - t_up < 120:
-            v = self.metric(port, "analytics_events_stored_total") or 0
-            if v >= backlog:
+            if not svc.alive():
+                die(f"the service exited: {svc.tail()}")
+            if handled() >= backlog:
                 caught = time.monotonic()
                 break
             time.sleep(0.05)
         if producer.proc.wait(timeout=120) != 0:
             die(f"outage producer failed: {producer.tail()}")
         producer.stop()
-        ok = self.wait_stored(svc, port, count, timeout=120)
-        rss.stop()
+        ok = wait_until(120, lambda: handled() >= count, 0.1)
+        duplicates = self.metric(port, "analytics_events_duplicates_total") or 0
+        rss.stop(self.logdir / "rss-outage.csv")
         paused_peak = rss.peak_mib(t_down, t_up)
         svc.stop()
         rows = self.scalar(url, "SELECT count(*) FROM analytics.events")
         distinct = self.scalar(
             url, "SELECT count(DISTINCT (kafka_topic, kafka_partition, kafka_offset)) "
                  "FROM analytics.events")
-        if ok is None or rows != count or distinct != count:
+        if not ok or rows != count or distinct != count:
             die(f"outage phase: {rows} rows ({distinct} distinct), expected {count}")
         self.res.values["outage_rss_mib"] = rss.hwm_kib / 1024
         self.res.add("outage", f"DB down {down}s @{fmt_int(rate)}/s",
                      f"peak RSS {paused_peak:.1f} MiB while down",
-                     f"{rss.hwm_kib / 1024:.1f} MiB VmHWM over the phase; all {fmt_int(count)} "
-                     f"events stored once")
+                     f"{rss.hwm_kib / 1024:.1f} MiB VmHWM over the phase (incl. catch-up); all "
+                     f"{fmt_int(count)} events stored once ({duplicates:.0f} redelivered, skipped)")
         if caught:
             self.res.add("outage", "catch-up", f"{caught - t_up:.1f}s",
                          f"{fmt_int(rate * down)}-event backlog drained after PostgreSQL came back")
@@ -709,12 +781,13 @@ class Bench:
         report = self.logdir / "perf-report.txt"
         with open(report, "w") as f:
             subprocess.run(["perf", "report", "-i", str(out), "--no-children", "--sort",
-                            "comm,dso", "--stdio"], stdout=f, stderr=subprocess.DEVNULL)
+                            "comm,dso", "-g", "none", "--stdio"], stdout=f,
+                           stderr=subprocess.DEVNULL)
         with open(self.logdir / "perf-symbols.txt", "w") as f:
             subprocess.run(["perf", "report", "-i", str(out), "--no-children", "--sort",
-                            "comm,sym", "--stdio", "-g", "none"], stdout=f,
+                            "comm,dso,sym", "-g", "none", "--stdio"], stdout=f,
                            stderr=subprocess.DEVNULL)
-        log(f"profile: {report} and perf-symbols.txt")
+        log(f"profile: {report} (by process and library), perf-symbols.txt (by symbol)")
 
     # -- driver -----------------------------------------------------------------------------
 
@@ -777,7 +850,8 @@ class Bench:
                 print()
                 continue
             print(f"{p:<{w[0]}}  {m:<{w[1]}}  {val:>{w[2]}}  {d}")
-        print(f"\nservice settings: {settings_line(self.service_env())}")
+        print("\nservice settings: " + " ".join(f"{k}={v}" for k, v in self.settings().items())
+              + " (others: the service's defaults)")
         print(f"logs: {self.logdir}")
         print(
             f"RESULT service_eps={svc:.0f} copy_eps={v.get('copy_eps', 0):.0f} "
@@ -794,14 +868,6 @@ PHASES = ["preload", "service", "copy", "broker", "naive", "python", "latency", 
 
 def n_per(rows: float, batches: float) -> str:
     return f"{rows / batches:.0f}" if batches else "-"
-
-
-def settings_line(env: dict) -> str:
-    keys = ["BATCH_MAX_EVENTS", "BATCH_MAX_BYTES", "BATCH_LINGER_MS", "DATABASE_POOL_SIZE",
-            "FETCH_BUFFER_KBYTES", "KAFKA_SESSION_TIMEOUT_MS"]
-    parts = [f"{k}={env[k]}" for k in keys if k in env]
-    parts += [f"{k}={v}" for k, v in sorted(env.items()) if k.startswith("KAFKA_PROPERTY_")]
-    return " ".join(parts) + " (others: service defaults)"
 
 
 def parse_json_line(child: Child) -> dict | None:
@@ -863,7 +929,7 @@ class PrivatePostgres:
         # Same durability as the system cluster (fsync and synchronous_commit on); commit
         # timestamps on, so latency is measured to the real commit.
         opts = (f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 "
-                f"-c track_commit_timestamp=on")
+                f"-c track_commit_timestamp=on {os.environ.get('BENCH_PG_OPTS', '')}")
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", opts, "-w", "start")
 
     def stop(self) -> None:
@@ -983,6 +1049,9 @@ def main() -> int:
     p.add_argument("--users", type=int, default=10_000)
     p.add_argument("--session-timeout-ms", type=int, default=6000,
                    help="group session timeout of the service and Python consumer")
+    p.add_argument("--service-defaults", action="store_true",
+                   help="run the service with its own defaults instead of the benchmark profile "
+                        f"({' '.join(f'{k}={v}' for k, v in BENCH_PROFILE.items())})")
     p.add_argument("--service-env", action="append", default=[], metavar="K=V",
                    help="extra environment for the service (repeatable), e.g. BATCH_MAX_EVENTS=5000")
     p.add_argument("--skip", action="append", default=[], choices=PHASES,
