@@ -6,13 +6,10 @@
 //! (a blocking database write) before partitions move. Offsets are committed explicitly, only
 //! after the batch's transaction committed (`enable.auto.commit=false`).
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use rdkafka::Offset;
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
@@ -50,13 +47,39 @@ pub fn client_config(settings: &Settings) -> ClientConfig {
 /// The consumer's context: serves librdkafka's callbacks.
 pub struct PipelineContext {
     pipeline: Arc<Pipeline>,
-    /// High watermarks from fetch responses (statistics), the freshest source while fetching.
-    fetched_high_watermarks: Mutex<HashMap<(String, i32), i64>>,
+    /// When lag was last published, and how often it may be.
+    lag_published: Mutex<Option<Instant>>,
+    lag_refresh: Duration,
 }
 
 impl PipelineContext {
     fn status(&self) -> &Status {
         self.pipeline.status()
+    }
+
+    /// Lag from librdkafka's statistics, which arrive on the consumer thread: the high
+    /// watermark from fetch responses, the committed offset and the log start of every partition
+    /// assigned to us. No extra broker request and no librdkafka call from another thread
+    /// (concurrent watermark/committed queries crashed the process during a broker outage).
+    fn publish_lag(&self, stats: &Statistics) {
+        let mut last = self.lag_published.lock().unwrap_or_else(|e| e.into_inner());
+        if last.is_some_and(|t| t.elapsed() < self.lag_refresh) {
+            return;
+        }
+        *last = Some(Instant::now());
+        let mut lag = LagMap::new();
+        for (topic, t) in &stats.topics {
+            for p in t.partitions.values() {
+                if p.partition < 0 || !p.desired {
+                    continue;
+                }
+                let committed = (p.committed_offset >= 0).then_some(p.committed_offset);
+                if let Some(l) = lag::partition_lag(p.lo_offset, p.hi_offset, committed) {
+                    lag.insert((topic.clone(), p.partition), l);
+                }
+            }
+        }
+        self.status().set_lag(lag);
     }
 }
 
@@ -77,14 +100,7 @@ impl ClientContext for PipelineContext {
             self.status().assigned_partitions()
         );
         self.status().set_kafka(up, detail);
-        let mut hw = self.fetched_high_watermarks.lock().unwrap_or_else(|e| e.into_inner());
-        for (topic, t) in &stats.topics {
-            for p in t.partitions.values() {
-                if p.partition >= 0 && p.hi_offset >= 0 {
-                    hw.insert((topic.clone(), p.partition), p.hi_offset);
-                }
-            }
-        }
+        self.publish_lag(&stats);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
@@ -167,12 +183,19 @@ pub fn create_consumer(
         .set("heartbeat.interval.ms", (settings.kafka_session_timeout_ms / 3).max(100).to_string())
         .set("statistics.interval.ms", "1000")
         .set("queued.max.messages.kbytes", settings.fetch_buffer_kbytes.to_string())
-        .set("partition.assignment.strategy", "cooperative-sticky");
+        // Eager rebalancing: with librdkafka 2.12.1's cooperative-sticky the process crashed
+        // (SIGSEGV) in our broker-outage test when the coordinator went away; opt in with
+        // KAFKA_PROPERTY_PARTITION_ASSIGNMENT_STRATEGY=cooperative-sticky once that is fixed.
+        .set("partition.assignment.strategy", "range,roundrobin");
     // Pass-through properties win, so operators can override any of the above.
     for (key, value) in &settings.kafka_properties {
         config.set(key, value.expose());
     }
-    let context = PipelineContext { pipeline, fetched_high_watermarks: Mutex::new(HashMap::new()) };
+    let context = PipelineContext {
+        pipeline,
+        lag_published: Mutex::new(None),
+        lag_refresh: Duration::from_secs(settings.lag_refresh_secs),
+    };
     let consumer: PipelineConsumer = config.create_with_context(context)?;
     consumer.subscribe(&settings.topics())?;
     Ok(Arc::new(consumer))
@@ -267,62 +290,4 @@ pub fn consume(consumer: &PipelineConsumer, shutdown: &AtomicBool, drain_budget:
         }
     }
     pipeline.dead_letters().flush(Duration::from_secs(5));
-}
-
-/// Recomputes lag for the assigned partitions every `interval` until `stop` is set.
-pub fn spawn_lag_monitor(
-    consumer: Arc<PipelineConsumer>,
-    interval: Duration,
-    stop: Arc<AtomicBool>,
-) -> std::io::Result<JoinHandle<()>> {
-    std::thread::Builder::new().name("lag-monitor".into()).spawn(move || {
-        while !stop.load(Ordering::Relaxed) {
-            let lag = measure_lag(&consumer);
-            consumer.context().status().set_lag(lag);
-            let until = Instant::now() + interval;
-            while Instant::now() < until && !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-        }
-    })
-}
-
-fn measure_lag(consumer: &PipelineConsumer) -> LagMap {
-    let mut out = LagMap::new();
-    let Ok(assignment) = consumer.assignment() else {
-        return out;
-    };
-    if assignment.count() == 0 {
-        return out;
-    }
-    let committed = match consumer.committed_offsets(assignment.clone(), Duration::from_secs(3)) {
-        Ok(c) => c,
-        Err(e) => {
-            warn!(error = %e, "cannot fetch committed offsets for lag");
-            return out;
-        }
-    };
-    let fetched =
-        consumer.context().fetched_high_watermarks.lock().map(|m| m.clone()).unwrap_or_default();
-    for elem in assignment.elements() {
-        let (topic, partition) = (elem.topic(), elem.partition());
-        let (low, listed) =
-            match consumer.fetch_watermarks(topic, partition, Duration::from_secs(3)) {
-                Ok((low, high)) => (low, Some(high)),
-                Err(_) => (-1, None),
-            };
-        let high = lag::freshest_high_watermark(
-            listed,
-            fetched.get(&(topic.to_string(), partition)).copied(),
-        );
-        let committed_offset =
-            committed.find_partition(topic, partition).and_then(|e| match e.offset() {
-                Offset::Offset(o) => Some(o),
-                _ => None,
-            });
-        if let Some(l) = high.and_then(|h| lag::partition_lag(low, h, committed_offset)) {
-            out.insert((topic.to_string(), partition), l);
-        }
-    }
-    out
 }

@@ -173,17 +173,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         let shutdown = shutdown.clone();
         let status = status.clone();
         let drain = Duration::from_secs(settings.shutdown_timeout_secs);
-        let lag_interval = Duration::from_secs(settings.lag_refresh_secs);
         std::thread::Builder::new().name("consumer".into()).spawn(move || {
             let _done = done_tx;
             let _stopped = StoppedOnExit(status);
-            let stop_lag = Arc::new(AtomicBool::new(false));
-            let lag = consumer::spawn_lag_monitor(consumer.clone(), lag_interval, stop_lag.clone());
             consumer::consume(&consumer, &shutdown, drain);
-            stop_lag.store(true, Ordering::Relaxed);
-            if let Ok(handle) = lag {
-                let _ = handle.join();
-            }
             // The last reference: dropping it closes the consumer and leaves the group.
             drop(consumer);
             info!("left the consumer group");

@@ -255,7 +255,7 @@ fn broker_outage_flips_readiness_but_not_liveness() {
     broker.create_topic(&topic, 2);
     let db = TestDb::create();
     let bootstrap = broker.bootstrap();
-    let svc = Service::consuming(&bootstrap, &topic, &db.url, &[]);
+    let mut svc = Service::consuming(&bootstrap, &topic, &db.url, &[]);
     svc.wait_ready(Duration::from_secs(30));
     broker.kill();
     let down = std::time::Instant::now();
@@ -277,10 +277,11 @@ fn broker_outage_flips_readiness_but_not_liveness() {
         wait_until(Duration::from_secs(60), || matches!(svc.get("/readyz"), Some((200, _))));
     let log = svc.log_text();
     let tail: Vec<&str> = log.lines().rev().take(15).collect();
+    let readyz = svc.get("/readyz");
+    let exit = svc.exit_status();
     assert!(
         recovered,
-        "not ready after the broker returned: {:?}\n{}",
-        svc.get("/readyz"),
+        "not ready after the broker returned: {readyz:?} (process exit: {exit:?})\n{}",
         tail.join("\n")
     );
     eprintln!(

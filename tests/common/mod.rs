@@ -602,6 +602,11 @@ impl Service {
         parse_metric(&body, series)
     }
 
+    /// The exit status if the process has ended (for failure messages).
+    pub fn exit_status(&mut self) -> Option<ExitStatus> {
+        self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+    }
+
     /// Sends SIGKILL and reaps the process.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
