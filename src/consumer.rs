@@ -171,7 +171,7 @@ pub type PipelineConsumer = BaseConsumer<PipelineContext>;
 pub fn create_consumer(
     settings: &Settings,
     pipeline: Arc<Pipeline>,
-) -> Result<Arc<PipelineConsumer>, KafkaError> {
+) -> Result<PipelineConsumer, KafkaError> {
     let mut config = client_config(settings);
     config
         .set("group.id", &settings.kafka_group_id)
@@ -198,7 +198,7 @@ pub fn create_consumer(
     };
     let consumer: PipelineConsumer = config.create_with_context(context)?;
     consumer.subscribe(&settings.topics())?;
-    Ok(Arc::new(consumer))
+    Ok(consumer)
 }
 
 fn set_paused(consumer: &PipelineConsumer, paused: bool) {

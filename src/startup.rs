@@ -1,4 +1,4 @@
-//! Wires the service together: storage, dead letters, pipeline, consumer thread, lag monitor,
+//! Wires the service together: storage, dead letters, pipeline, consumer thread,
 //! database health checks and the HTTP endpoints; then waits for SIGTERM/SIGINT and drains.
 
 use std::sync::Arc;
@@ -177,7 +177,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             let _done = done_tx;
             let _stopped = StoppedOnExit(status);
             consumer::consume(&consumer, &shutdown, drain);
-            // The last reference: dropping it closes the consumer and leaves the group.
+            // Dropping the consumer closes it and leaves the group.
             drop(consumer);
             info!("left the consumer group");
         })?
