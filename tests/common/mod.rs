@@ -89,8 +89,11 @@ fn unsafe_signal(pid: u32, signal: &str) {
 /// A private tansu broker (Kafka protocol) on a free loopback port, with in-memory storage.
 pub struct Broker {
     child: Option<Child>,
-    /// The listening port.
+    /// The port clients use (the proxy's, when the broker sits behind one).
     pub port: u16,
+    /// The port the broker itself listens on.
+    listen_port: u16,
+    proxy: Option<Proxy>,
     log: PathBuf,
 }
 
@@ -111,16 +114,30 @@ impl Broker {
     pub fn start() -> Self {
         let port = free_port();
         let log = log_dir().join(format!("{}.log", unique("tansu")));
-        let mut broker = Self { child: None, port, log };
+        let mut broker = Self { child: None, port, listen_port: port, proxy: None, log };
         broker.spawn();
         broker
     }
 
+    /// Starts a broker that clients reach only through a TCP proxy (it advertises the proxy's
+    /// address), so a test can cut every connection and refuse new ones while the broker keeps
+    /// its topics, offsets and topic ids — a network outage as clients see it.
+    pub fn start_behind_proxy() -> Self {
+        let listen_port = free_port();
+        let port = free_port();
+        let log = log_dir().join(format!("{}.log", unique("tansu")));
+        let mut broker = Self { child: None, port, listen_port, proxy: None, log };
+        broker.spawn();
+        broker.proxy = Some(Proxy::start(port, listen_port));
+        broker
+    }
+
     fn spawn(&mut self) {
-        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let listen = format!("tcp://127.0.0.1:{}", self.listen_port);
+        let advertised = format!("tcp://127.0.0.1:{}", self.port);
         let log = std::fs::File::create(&self.log).expect("tansu log");
         let child = Command::new(tansu_bin())
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["broker", "--listener-url", &listen, "--advertised-listener-url", &advertised])
             .args(["--storage-engine", "memory://tansu/"])
             // tansu reads these as defaults for its own flags.
             .env_remove("LISTENER_URL")
@@ -134,7 +151,7 @@ impl Broker {
             .expect("cannot start tansu");
         self.child = Some(child);
         assert!(
-            wait_until(Duration::from_secs(10), || port_open(self.port)),
+            wait_until(Duration::from_secs(10), || port_open(self.listen_port)),
             "tansu did not listen"
         );
     }
@@ -155,6 +172,22 @@ impl Broker {
         assert!(status.success(), "cannot create topic {name}");
     }
 
+    /// Cuts every client connection and refuses new ones (needs `start_behind_proxy`).
+    ///
+    /// Why not kill and restart tansu: its memory storage comes back empty, topics get new ids,
+    /// and tansu then answers fetches for the old id with a zero topic id plus a leader-change
+    /// tag, on which librdkafka 2.12.1 dereferences a null topic name (SIGSEGV in
+    /// `rd_kafka_metadata_update_op`). Real Kafka keeps topic ids across restarts.
+    pub fn disconnect(&mut self) {
+        self.proxy.as_mut().expect("broker not behind a proxy").stop();
+    }
+
+    /// Accepts connections again after `disconnect`.
+    pub fn reconnect(&mut self) {
+        let proxy = self.proxy.as_mut().expect("broker not behind a proxy");
+        proxy.resume();
+    }
+
     /// Kills the broker (SIGKILL) and waits for it to exit.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -162,17 +195,100 @@ impl Broker {
             let _ = child.wait();
         }
     }
-
-    /// Starts it again on the same port (memory storage: topics must be created again).
-    pub fn restart(&mut self) {
-        self.kill();
-        self.spawn();
-    }
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
+        if let Some(proxy) = self.proxy.as_mut() {
+            proxy.stop();
+        }
         self.kill();
+    }
+}
+
+// ------------------------------------------------------------------------------------- proxy
+
+/// A TCP forwarder on loopback that can be switched off (listener closed, live connections
+/// shut down) and on again on the same port.
+pub struct Proxy {
+    listen: u16,
+    target: u16,
+    stop: std::sync::Arc<AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<TcpStream>>>,
+    acceptor: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Proxy {
+    /// Forwards `127.0.0.1:listen` to `127.0.0.1:target`.
+    pub fn start(listen: u16, target: u16) -> Self {
+        let mut proxy = Self {
+            listen,
+            target,
+            stop: Default::default(),
+            conns: Default::default(),
+            acceptor: None,
+        };
+        proxy.resume();
+        proxy
+    }
+
+    /// Starts accepting (again).
+    pub fn resume(&mut self) {
+        if self.acceptor.is_some() {
+            return;
+        }
+        let listener = TcpListener::bind(("127.0.0.1", self.listen)).expect("proxy bind");
+        listener.set_nonblocking(true).expect("nonblocking listener");
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        self.stop = stop.clone();
+        let conns = self.conns.clone();
+        let target = self.target;
+        self.acceptor = Some(std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                let client = match listener.accept() {
+                    Ok((client, _)) => client,
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(5));
+                        continue;
+                    }
+                    Err(_) => continue,
+                };
+                let _ = client.set_nonblocking(false);
+                let Ok(upstream) = TcpStream::connect(("127.0.0.1", target)) else {
+                    continue;
+                };
+                let _ = client.set_nodelay(true);
+                let _ = upstream.set_nodelay(true);
+                let mut held = conns.lock().unwrap_or_else(|e| e.into_inner());
+                for (from, to) in [(&client, &upstream), (&upstream, &client)] {
+                    let (Ok(mut from), Ok(mut to)) = (from.try_clone(), to.try_clone()) else {
+                        continue;
+                    };
+                    std::thread::spawn(move || {
+                        let _ = std::io::copy(&mut from, &mut to);
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                        let _ = from.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+                held.push(client);
+                held.push(upstream);
+            }
+        }));
+        assert!(
+            wait_until(Duration::from_secs(5), || port_open(self.listen)),
+            "proxy did not listen"
+        );
+    }
+
+    /// Closes the listener and every connection through it.
+    pub fn stop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(acceptor) = self.acceptor.take() {
+            let _ = acceptor.join();
+        }
+        for conn in self.conns.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+            let _ = conn.shutdown(std::net::Shutdown::Both);
+        }
     }
 }
 
