@@ -183,10 +183,9 @@ pub fn create_consumer(
         .set("heartbeat.interval.ms", (settings.kafka_session_timeout_ms / 3).max(100).to_string())
         .set("statistics.interval.ms", "1000")
         .set("queued.max.messages.kbytes", settings.fetch_buffer_kbytes.to_string())
-        // Eager rebalancing: with librdkafka 2.12.1's cooperative-sticky the process crashed
-        // (SIGSEGV) in our broker-outage test when the coordinator went away; opt in with
-        // KAFKA_PROPERTY_PARTITION_ASSIGNMENT_STRATEGY=cooperative-sticky once that is fixed.
-        .set("partition.assignment.strategy", "range,roundrobin");
+        // Incremental rebalancing: when a replica joins or leaves (HPA), only the partitions
+        // that move stop; the others keep consuming.
+        .set("partition.assignment.strategy", "cooperative-sticky");
     // Pass-through properties win, so operators can override any of the above.
     for (key, value) in &settings.kafka_properties {
         config.set(key, value.expose());
