@@ -33,6 +33,7 @@ pub const ENV_VARS: &[&str] = &[
     "BATCH_MAX_EVENTS",
     "BATCH_MAX_BYTES",
     "BATCH_LINGER_MS",
+    "BATCH_MAX_IN_FLIGHT",
     "MAX_EVENT_BYTES",
     "FETCH_BUFFER_KBYTES",
     "SHUTDOWN_TIMEOUT_SECS",
@@ -173,6 +174,9 @@ pub struct Settings {
     pub batch_max_bytes: usize,
     /// ...or its first event has waited this long.
     pub batch_linger_ms: u64,
+    /// Batches written at once, in overlapping transactions on separate pool connections, while
+    /// the next one is consumed; offsets still commit in consumption order.
+    pub batch_max_in_flight: usize,
     /// Records larger than this are dead-lettered instead of stored.
     pub max_event_bytes: usize,
     /// Bound on records librdkafka prefetches (`queued.max.messages.kbytes`): caps memory.
@@ -223,6 +227,7 @@ impl Default for Settings {
             batch_max_events: 10_000,
             batch_max_bytes: 4 * 1024 * 1024,
             batch_linger_ms: 10,
+            batch_max_in_flight: 2,
             max_event_bytes: 512 * 1024,
             fetch_buffer_kbytes: 16 * 1024,
             shutdown_timeout_secs: 20,
@@ -342,6 +347,7 @@ impl Settings {
             ("DATABASE_WRITE_TIMEOUT_SECS", self.database_write_timeout_secs),
             ("BATCH_MAX_EVENTS", self.batch_max_events as u64),
             ("BATCH_MAX_BYTES", self.batch_max_bytes as u64),
+            ("BATCH_MAX_IN_FLIGHT", self.batch_max_in_flight as u64),
             ("MAX_EVENT_BYTES", self.max_event_bytes as u64),
             ("FETCH_BUFFER_KBYTES", self.fetch_buffer_kbytes as u64),
             ("LIVENESS_STALL_SECS", self.liveness_stall_secs),
@@ -351,6 +357,12 @@ impl Settings {
             if value == 0 {
                 return Err(invalid(name, "must be greater than 0"));
             }
+        }
+        if self.batch_max_in_flight > self.database_pool_size as usize {
+            return Err(invalid(
+                "BATCH_MAX_IN_FLIGHT",
+                "must not exceed DATABASE_POOL_SIZE (each write holds a connection)",
+            ));
         }
         if self.liveness_stall_secs <= self.database_write_timeout_secs {
             return Err(invalid(

@@ -234,21 +234,20 @@ pub fn consume(consumer: &PipelineConsumer, shutdown: &AtomicBool, drain_budget:
             None => {}
         }
         let now = Instant::now();
-        let due = match retry_at {
-            Some(at) => now >= at,
-            None => pipeline.is_due(now),
+        let result = match retry_at {
+            Some(at) if now < at => continue,
+            // Paused after a failure: write everything in hand before fetching again.
+            Some(_) => pipeline.flush(consumer, CommitMode::Async).map(|_| ()),
+            None => pipeline.advance(consumer, now),
         };
-        if !due {
-            continue;
-        }
-        match pipeline.flush(consumer, CommitMode::Async) {
-            Ok(_) => {
-                status.set_write_error(None);
+        match result {
+            Ok(()) => {
                 if retry_at.take().is_some() {
+                    status.set_write_error(None);
                     set_paused(consumer, false);
                     info!("writes succeed again; fetching resumed");
+                    backoff.reset();
                 }
-                backoff.reset();
             }
             Err(e) => {
                 status.set_write_error(Some(e.to_string()));

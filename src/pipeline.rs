@@ -1,11 +1,17 @@
 //! The batch in hand and how it becomes durable: rows to PostgreSQL, rejects to the dead-letter
 //! topic, and only then the offsets to Kafka.
 //!
-//! The batch lives behind a mutex because two callers flush it: the consume loop, and the
+//! Writes are pipelined: a full batch is handed to the database on the async runtime and the
+//! consumer thread goes on decoding the next one, with up to `max_in_flight` batches being
+//! written at once (one pool connection each). Batches complete strictly in the order they were
+//! consumed — a batch's offsets are committed only after its own rows *and every earlier
+//! batch's* are durable, so a crash can never leave a committed offset ahead of a lost row.
+//!
+//! The batches live behind mutexes because two callers drive them: the consume loop, and the
 //! rebalance callback that must flush before partitions are handed to another replica. Both run
-//! on the consumer thread, never at the same time; the mutex only makes that sharing safe.
+//! on the consumer thread, never at the same time; the mutexes only make that sharing safe.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -27,6 +33,8 @@ use crate::telemetry::{Metrics, parse_traceparent};
 
 /// Links per batch span; enough to follow a sample of producers without bloating spans.
 const MAX_SPAN_LINKS: usize = 32;
+/// Longest `poll` while writes run: how late a finished batch's offsets may commit.
+const IN_FLIGHT_POLL: Duration = Duration::from_millis(2);
 
 /// Why a flush did not complete; the batch is kept and the flush can be retried.
 #[derive(Debug, thiserror::Error)]
@@ -42,15 +50,21 @@ pub enum FlushError {
     Forward(String),
 }
 
+/// A write running on the runtime: its result and how long the database took.
+type Writing = tokio::task::JoinHandle<(Result<WriteOutcome, StorageError>, Duration)>;
+
 #[derive(Default)]
 struct Batch {
-    rows: Vec<StoredEvent>,
+    /// Shared with the write task while it runs; only this batch holds it otherwise.
+    rows: Arc<Vec<StoredEvent>>,
     /// The consumed record behind each row, for dead-lettering rows PostgreSQL refuses.
     sources: Vec<rdkafka::message::OwnedMessage>,
     dead: Vec<DeadLetter>,
     offsets: OffsetTracker,
     bytes: usize,
     first_at: Option<Instant>,
+    /// The write started when the batch was sealed, until its result is taken.
+    writing: Option<Writing>,
     /// Set once the rows are durable, so a retry after a dead-letter failure skips the insert.
     written: Option<WriteOutcome>,
     dead_lettered: Vec<RejectReason>,
@@ -76,7 +90,7 @@ impl Batch {
 }
 
 /// What a successful flush did, for callers that report on it.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct FlushReport {
     /// Records in the batch.
     pub events: usize,
@@ -97,6 +111,8 @@ pub struct PipelineOptions {
     pub max_event_bytes: usize,
     /// Filtering and routing rules.
     pub rules: Rules,
+    /// Batches being written at once (at least 1; each holds a pool connection).
+    pub max_in_flight: usize,
 }
 
 /// Turns consumed records into durable rows and committed offsets.
@@ -109,7 +125,11 @@ pub struct Pipeline {
     max_event_bytes: usize,
     rules: Rules,
     runtime: tokio::runtime::Handle,
+    /// The batch being filled.
     batch: Mutex<Batch>,
+    /// Sealed batches, oldest first, not yet committed.
+    in_flight: Mutex<VecDeque<Batch>>,
+    max_in_flight: usize,
 }
 
 impl Pipeline {
@@ -122,7 +142,7 @@ impl Pipeline {
         options: PipelineOptions,
         runtime: tokio::runtime::Handle,
     ) -> Self {
-        let PipelineOptions { policy, max_event_bytes, rules } = options;
+        let PipelineOptions { policy, max_event_bytes, rules, max_in_flight } = options;
         Self {
             store,
             dead_letters,
@@ -133,11 +153,17 @@ impl Pipeline {
             rules,
             runtime,
             batch: Mutex::new(Batch::default()),
+            in_flight: Mutex::new(VecDeque::new()),
+            max_in_flight: max_in_flight.max(1),
         }
     }
 
     fn batch(&self) -> MutexGuard<'_, Batch> {
         self.batch.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn in_flight(&self) -> MutexGuard<'_, VecDeque<Batch>> {
+        self.in_flight.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The shared runtime status.
@@ -179,7 +205,8 @@ impl Pipeline {
                     }
                 }
                 if decision.store {
-                    batch.rows.push(StoredEvent {
+                    // Not shared while filling: no copy.
+                    Arc::make_mut(&mut batch.rows).push(StoredEvent {
                         topic: msg.topic().to_string(),
                         partition: msg.partition(),
                         offset: msg.offset(),
@@ -223,21 +250,49 @@ impl Pipeline {
         self.policy.is_due(b.len(), b.bytes, b.first_at, now)
     }
 
-    /// How long the loop may block in `poll`.
+    /// How long the loop may block in `poll`: briefly while writes run, so their offsets are
+    /// committed soon after they finish.
     pub fn poll_timeout(&self, now: Instant, idle: Duration) -> Duration {
-        let b = self.batch();
-        if self.policy.is_full(b.len(), b.bytes) {
-            return Duration::ZERO;
-        }
-        self.policy.poll_timeout(b.first_at, now, idle)
+        let timeout = {
+            let b = self.batch();
+            if self.policy.is_full(b.len(), b.bytes) {
+                return Duration::ZERO;
+            }
+            self.policy.poll_timeout(b.first_at, now, idle)
+        };
+        if self.in_flight().is_empty() { timeout } else { timeout.min(IN_FLIGHT_POLL) }
     }
 
     /// Events in hand, not yet committed.
     pub fn pending(&self) -> usize {
-        self.batch().len()
+        self.batch().len() + self.in_flight().iter().map(Batch::len).sum::<usize>()
     }
 
-    /// Writes the batch, dead-letters what cannot be stored, then commits the offsets.
+    /// The consume loop's step: completes, in order, the batches whose writes finished, and
+    /// when the batch in hand is due, seals it and starts its write — first waiting for the
+    /// oldest write when `max_in_flight` are already running. Offsets commit asynchronously.
+    ///
+    /// Must be called from a thread outside the async runtime (the consumer thread).
+    pub fn advance<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        now: Instant,
+    ) -> Result<(), FlushError> {
+        while self.complete_oldest(consumer, CommitMode::Async, false)?.is_some() {}
+        if self.is_due(now) {
+            while self.in_flight().len() >= self.max_in_flight {
+                if self.complete_oldest(consumer, CommitMode::Async, true)?.is_none() {
+                    break;
+                }
+            }
+            self.dispatch();
+        }
+        Ok(())
+    }
+
+    /// Writes and commits everything in hand, in order, waiting for the database: before
+    /// partitions are revoked, at shutdown, and to retry after a failure. On error what is
+    /// left stays in hand, and calling it again resumes where it stopped.
     ///
     /// Must be called from a thread outside the async runtime (the consumer thread).
     pub fn flush<C: ConsumerContext>(
@@ -245,10 +300,107 @@ impl Pipeline {
         consumer: &BaseConsumer<C>,
         mode: CommitMode,
     ) -> Result<FlushReport, FlushError> {
-        let mut batch = self.batch();
-        if batch.is_empty() {
-            return Ok(FlushReport::default());
+        self.dispatch();
+        let mut total = FlushReport::default();
+        while let Some(r) = self.complete_oldest(consumer, mode, true)? {
+            total.events += r.events;
+            total.inserted += r.inserted;
+            total.duplicates += r.duplicates;
+            total.dead_lettered += r.dead_lettered;
         }
+        Ok(total)
+    }
+
+    /// Seals the batch in hand and starts writing its rows on the runtime.
+    fn dispatch(&self) {
+        let mut batch = std::mem::take(&mut *self.batch());
+        if batch.is_empty() {
+            return;
+        }
+        if !batch.rows.is_empty() {
+            let store = self.store.clone();
+            let rows = batch.rows.clone();
+            batch.writing = Some(self.runtime.spawn(async move {
+                let started = Instant::now();
+                (store.write(&rows).await, started.elapsed())
+            }));
+        }
+        self.in_flight().push_back(batch);
+    }
+
+    /// Completes the oldest sealed batch; `None` when there is none, or when `wait` is false
+    /// and its write is still running.
+    fn complete_oldest<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        mode: CommitMode,
+        wait: bool,
+    ) -> Result<Option<FlushReport>, FlushError> {
+        let mut queue = self.in_flight();
+        let Some(batch) = queue.front_mut() else {
+            return Ok(None);
+        };
+        if !wait && batch.writing.as_ref().is_some_and(|w| !w.is_finished()) {
+            return Ok(None);
+        }
+        let report = self.complete(batch, consumer, mode)?;
+        queue.pop_front();
+        Ok(Some(report))
+    }
+
+    /// Takes the result of the batch's write (waiting for it), or writes the rows now when no
+    /// write ran or the last one failed. Rows PostgreSQL refused become dead letters.
+    fn await_write(&self, batch: &mut Batch) -> Result<(), FlushError> {
+        if batch.written.is_some() {
+            return Ok(());
+        }
+        let (result, took) = match batch.writing.take() {
+            Some(writing) => self.runtime.block_on(writing).unwrap_or_else(|e| {
+                (Err(StorageError::Unavailable(format!("write task failed: {e}"))), Duration::ZERO)
+            }),
+            None if batch.rows.is_empty() => (Ok(WriteOutcome::default()), Duration::ZERO),
+            None => {
+                let started = Instant::now();
+                (self.runtime.block_on(self.store.write(&batch.rows)), started.elapsed())
+            }
+        };
+        let outcome = match result {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                self.metrics.record_error("db_unavailable");
+                return Err(e.into());
+            }
+        };
+        if !batch.rows.is_empty() {
+            self.metrics.record_db_write(took.as_secs_f64());
+        }
+        for (index, message) in &outcome.rejected {
+            let row = &batch.rows[*index];
+            warn!(
+                topic = %row.topic,
+                partition = row.partition,
+                offset = row.offset,
+                error = %message,
+                "PostgreSQL rejected the record, sending to the dead-letter topic"
+            );
+            let letter = DeadLetter {
+                record: batch.sources[*index].clone(),
+                rejection: Rejection { reason: RejectReason::DbRejected, detail: message.clone() },
+            };
+            batch.dead.push(letter);
+        }
+        batch.sources = Vec::new();
+        batch.written = Some(outcome);
+        Ok(())
+    }
+
+    /// Makes a sealed batch durable: rows, then routed copies and dead letters, then offsets.
+    fn complete<C: ConsumerContext>(
+        &self,
+        batch: &mut Batch,
+        consumer: &BaseConsumer<C>,
+        mode: CommitMode,
+    ) -> Result<FlushReport, FlushError> {
         let first_at = batch.first_at.unwrap_or_else(Instant::now);
         // One span per batch (not per event); it links to the producers' traces.
         let span = info_span!(
@@ -264,44 +416,7 @@ impl Pipeline {
         }
         let _entered = span.enter();
 
-        if batch.written.is_none() {
-            let started = Instant::now();
-            let write = async {
-                if batch.rows.is_empty() {
-                    Ok(WriteOutcome::default())
-                } else {
-                    self.store.write(&batch.rows).await
-                }
-            };
-            let outcome = match self.runtime.block_on(write) {
-                Ok(outcome) => outcome,
-                Err(e) => {
-                    self.metrics.record_error("db_unavailable");
-                    return Err(e.into());
-                }
-            };
-            self.metrics.record_db_write(started.elapsed().as_secs_f64());
-            for (index, message) in &outcome.rejected {
-                let row = &batch.rows[*index];
-                warn!(
-                    topic = %row.topic,
-                    partition = row.partition,
-                    offset = row.offset,
-                    error = %message,
-                    "PostgreSQL rejected the record, sending to the dead-letter topic"
-                );
-                let letter = DeadLetter {
-                    record: batch.sources[*index].clone(),
-                    rejection: Rejection {
-                        reason: RejectReason::DbRejected,
-                        detail: message.clone(),
-                    },
-                };
-                batch.dead.push(letter);
-            }
-            batch.sources = Vec::new();
-            batch.written = Some(outcome);
-        }
+        self.await_write(batch)?;
 
         if !batch.forwards.is_empty() {
             let forwards = std::mem::take(&mut batch.forwards);
@@ -386,21 +501,34 @@ impl Pipeline {
         Ok(report)
     }
 
-    /// Drops what the batch holds for partitions we no longer own and could not flush:
-    /// uncommitted, they will be consumed again by their new owner. What belongs to partitions
-    /// we keep stays in the batch.
+    /// Drops what the batches in hand hold for partitions we no longer own and could not
+    /// flush: uncommitted, they will be consumed again by their new owner. What belongs to
+    /// partitions we keep stays.
     pub fn discard(&self, revoked: &TopicPartitionList) {
         let gone: Vec<(String, i32)> =
             revoked.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
         let owned =
             |topic: &str, partition: i32| !gone.iter().any(|(t, p)| t == topic && *p == partition);
-        let mut batch = self.batch();
+        let mut queue = self.in_flight();
+        for batch in queue.iter_mut() {
+            // Let running writes end first, so rows and their outcome stay consistent; a
+            // failed one is simply written again later.
+            if batch.writing.is_some() {
+                let _ = self.await_write(batch);
+            }
+            Self::retain_owned(batch, &owned);
+        }
+        queue.retain(|b| !b.is_empty());
+        Self::retain_owned(&mut self.batch(), &owned);
+    }
+
+    fn retain_owned(batch: &mut Batch, owned: &impl Fn(&str, i32) -> bool) {
         if batch.written.is_none() {
             // Rows not yet durable: drop those of revoked partitions. (Once written, rows stay:
             // they are stored, and the outcome's indexes refer to them.)
             let keep: Vec<bool> = batch.rows.iter().map(|r| owned(&r.topic, r.partition)).collect();
             let mut kept = keep.iter();
-            batch.rows.retain(|_| kept.next().copied().unwrap_or(false));
+            Arc::make_mut(&mut batch.rows).retain(|_| kept.next().copied().unwrap_or(false));
             let mut kept = keep.iter();
             batch.sources.retain(|_| kept.next().copied().unwrap_or(false));
         }

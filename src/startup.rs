@@ -116,7 +116,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         dead_letters,
         metrics.clone(),
         status.clone(),
-        PipelineOptions { policy, max_event_bytes: settings.max_event_bytes, rules },
+        PipelineOptions {
+            policy,
+            max_event_bytes: settings.max_event_bytes,
+            rules,
+            max_in_flight: settings.batch_max_in_flight,
+        },
         tokio::runtime::Handle::current(),
     ));
     let consumer =
