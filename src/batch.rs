@@ -3,6 +3,17 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+/// What the consume loop does next with the batch in hand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Step {
+    /// Keep consuming into it.
+    Fill,
+    /// Seal it and start its write.
+    Dispatch,
+    /// It is full and every write slot is taken: wait for the oldest write to finish.
+    WaitOldest,
+}
+
 /// When a batch is written: whichever limit is reached first.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchPolicy {
@@ -31,6 +42,28 @@ impl BatchPolicy {
         match first_at {
             None => false,
             Some(first) => self.is_full(events, bytes) || now.duration_since(first) >= self.linger,
+        }
+    }
+
+    /// The next step given the writes running. A due batch that finds every write slot taken
+    /// keeps filling up to its limits, so under a backlog batches grow (fewer, cheaper
+    /// statements) instead of the loop idling while the database works.
+    pub fn next_step(
+        &self,
+        events: usize,
+        bytes: usize,
+        first_at: Option<Instant>,
+        now: Instant,
+        (in_flight, max_in_flight): (usize, usize),
+    ) -> Step {
+        if !self.is_due(events, bytes, first_at, now) {
+            Step::Fill
+        } else if in_flight < max_in_flight {
+            Step::Dispatch
+        } else if self.is_full(events, bytes) {
+            Step::WaitOldest
+        } else {
+            Step::Fill
         }
     }
 
@@ -143,6 +176,18 @@ mod tests {
         assert!(POLICY.is_due(3, 10, Some(t0), t0));
         assert!(POLICY.is_due(1, 100, Some(t0), t0));
         assert!(POLICY.is_due(1, 1, Some(t0), t0 + Duration::from_millis(50)));
+    }
+
+    #[test]
+    fn a_due_batch_waits_for_a_write_slot_and_fills_meanwhile() {
+        let t0 = Instant::now();
+        let late = t0 + Duration::from_millis(60);
+        assert_eq!(POLICY.next_step(1, 1, Some(t0), t0, (0, 2)), Step::Fill);
+        assert_eq!(POLICY.next_step(1, 1, Some(t0), late, (1, 2)), Step::Dispatch);
+        assert_eq!(POLICY.next_step(1, 1, Some(t0), late, (2, 2)), Step::Fill);
+        assert_eq!(POLICY.next_step(3, 1, Some(t0), t0, (2, 2)), Step::WaitOldest);
+        assert_eq!(POLICY.next_step(3, 1, Some(t0), t0, (1, 2)), Step::Dispatch);
+        assert_eq!(POLICY.next_step(0, 0, None, late, (0, 2)), Step::Fill);
     }
 
     #[test]

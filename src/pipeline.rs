@@ -23,7 +23,7 @@ use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, info, info_span, warn};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::batch::{BatchPolicy, OffsetTracker};
+use crate::batch::{BatchPolicy, OffsetTracker, Step};
 use crate::dead_letter::{DeadLetter, DeadLetterSink, Forward};
 use crate::event::{self, RejectReason, Rejection};
 use crate::health::Status;
@@ -244,23 +244,22 @@ impl Pipeline {
         batch.first_at.get_or_insert_with(Instant::now);
     }
 
-    /// True when the batch must be written now.
-    pub fn is_due(&self, now: Instant) -> bool {
+    /// What to do with the batch in hand, given the writes running.
+    fn next_step(&self, now: Instant) -> Step {
+        let in_flight = self.in_flight().len();
         let b = self.batch();
-        self.policy.is_due(b.len(), b.bytes, b.first_at, now)
+        self.policy.next_step(b.len(), b.bytes, b.first_at, now, (in_flight, self.max_in_flight))
     }
 
-    /// How long the loop may block in `poll`: briefly while writes run, so their offsets are
-    /// committed soon after they finish.
+    /// How long the loop may block in `poll`: not at all when there is work, and briefly
+    /// while writes run, so their offsets commit soon after they finish.
     pub fn poll_timeout(&self, now: Instant, idle: Duration) -> Duration {
-        let timeout = {
-            let b = self.batch();
-            if self.policy.is_full(b.len(), b.bytes) {
-                return Duration::ZERO;
-            }
-            self.policy.poll_timeout(b.first_at, now, idle)
-        };
-        if self.in_flight().is_empty() { timeout } else { timeout.min(IN_FLIGHT_POLL) }
+        match self.next_step(now) {
+            Step::Dispatch | Step::WaitOldest => Duration::ZERO,
+            // Not zero even when the batch is due but waits for a write slot: do not spin.
+            Step::Fill if !self.in_flight().is_empty() => IN_FLIGHT_POLL.min(idle),
+            Step::Fill => self.policy.poll_timeout(self.batch().first_at, now, idle),
+        }
     }
 
     /// Events in hand, not yet committed.
@@ -269,8 +268,8 @@ impl Pipeline {
     }
 
     /// The consume loop's step: completes, in order, the batches whose writes finished, and
-    /// when the batch in hand is due, seals it and starts its write — first waiting for the
-    /// oldest write when `max_in_flight` are already running. Offsets commit asynchronously.
+    /// when the batch in hand is due and a write slot is free, seals it and starts its write.
+    /// A full batch with no free slot waits for the oldest write. Offsets commit asynchronously.
     ///
     /// Must be called from a thread outside the async runtime (the consumer thread).
     pub fn advance<C: ConsumerContext>(
@@ -279,13 +278,13 @@ impl Pipeline {
         now: Instant,
     ) -> Result<(), FlushError> {
         while self.complete_oldest(consumer, CommitMode::Async, false)?.is_some() {}
-        if self.is_due(now) {
-            while self.in_flight().len() >= self.max_in_flight {
-                if self.complete_oldest(consumer, CommitMode::Async, true)?.is_none() {
-                    break;
-                }
+        match self.next_step(now) {
+            Step::Fill => {}
+            Step::Dispatch => self.dispatch(),
+            Step::WaitOldest => {
+                self.complete_oldest(consumer, CommitMode::Async, true)?;
+                self.dispatch();
             }
-            self.dispatch();
         }
         Ok(())
     }
