@@ -1,5 +1,5 @@
 //! The Kafka side: the consumer group member, its rebalance handling, the consume loop with
-//! back-pressure, and the lag monitor.
+//! back-pressure, and consumer lag from librdkafka's statistics.
 //!
 //! The loop runs on a dedicated OS thread with a `BaseConsumer`, because librdkafka runs
 //! rebalance callbacks on the thread that polls, and the callback must flush the batch in hand
@@ -59,8 +59,8 @@ impl PipelineContext {
 
     /// Lag from librdkafka's statistics, which arrive on the consumer thread: the high
     /// watermark from fetch responses, the committed offset and the log start of every partition
-    /// assigned to us. No extra broker request and no librdkafka call from another thread
-    /// (concurrent watermark/committed queries crashed the process during a broker outage).
+    /// assigned to us. No extra broker request per refresh, and no librdkafka call from another
+    /// thread.
     fn publish_lag(&self, stats: &Statistics) {
         let mut last = self.lag_published.lock().unwrap_or_else(|e| e.into_inner());
         if last.is_some_and(|t| t.elapsed() < self.lag_refresh) {
