@@ -1,5 +1,5 @@
 //! Kafka-side administration shared by the operator and the `replay` CLI: partition counts,
-//! consumer-group membership, and committed-offset resets.
+//! consumer-group membership and lag, and committed-offset resets.
 //!
 //! All functions block (librdkafka calls with timeouts); async callers run them on
 //! `tokio::task::spawn_blocking`. `props` are librdkafka properties (e.g. `security.protocol`),
@@ -13,6 +13,8 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{Offset, TopicPartitionList};
+
+use crate::lag;
 
 /// Timeout of each broker round trip.
 const TIMEOUT: Duration = Duration::from_secs(10);
@@ -140,6 +142,39 @@ pub fn partition_count(
     let c = consumer(brokers, props, None)?;
     let n = partitions_of(&c, topic)?.len();
     Ok(i32::try_from(n).unwrap_or(i32::MAX))
+}
+
+/// Records `group` still has to consume on `topics`: per partition, high watermark minus the
+/// committed offset (the log start when it never committed), summed. Reads offsets only; it
+/// never joins the group.
+pub fn group_lag(
+    brokers: &str,
+    props: &BTreeMap<String, String>,
+    group: &str,
+    topics: &[String],
+) -> Result<i64, KafkaAdminError> {
+    let c = consumer(brokers, props, Some(group))?;
+    let mut tpl = TopicPartitionList::new();
+    for topic in topics {
+        for p in partitions_of(&c, topic)? {
+            tpl.add_partition(topic, p);
+        }
+    }
+    let committed = c
+        .committed_offsets(tpl, TIMEOUT)
+        .map_err(kafka(format!("committed offsets of {group}")))?;
+    let mut total = 0i64;
+    for e in committed.elements() {
+        let (low, high) = c
+            .fetch_watermarks(e.topic(), e.partition(), TIMEOUT)
+            .map_err(kafka(format!("watermarks of {}[{}]", e.topic(), e.partition())))?;
+        let offset = match e.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        };
+        total += lag::partition_lag(low, high, offset).unwrap_or(0);
+    }
+    Ok(total)
 }
 
 /// State and active members of `group`; an unknown group reads as empty.

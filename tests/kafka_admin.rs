@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use nexus_analytics::kafka_admin::{
-    KafkaAdminError, PartitionChange, ResetTarget, partition_count, reset_offsets,
+    KafkaAdminError, PartitionChange, ResetTarget, group_lag, partition_count, reset_offsets,
 };
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -102,6 +102,25 @@ fn partition_count_reads_metadata() {
     assert_eq!(partition_count(&bs, &no_props(), TOPIC).expect("count"), PARTITIONS);
     assert!(matches!(
         partition_count(&bs, &no_props(), "no-such-topic"),
+        Err(KafkaAdminError::UnknownTopic(_))
+    ));
+}
+
+#[test]
+fn group_lag_is_what_the_group_has_not_committed() {
+    let (_mc, bs) = cluster();
+    let topics = vec![TOPIC.to_owned()];
+    let group = "analytics-lag";
+    let total = PER_PARTITION * PARTITIONS as i64;
+    assert_eq!(group_lag(&bs, &no_props(), group, &topics).expect("lag"), total, "no commit yet");
+    commit_all(&bs, group, 7);
+    let lag = group_lag(&bs, &no_props(), group, &topics).expect("lag");
+    assert_eq!(lag, (PER_PARTITION - 7) * PARTITIONS as i64);
+    commit_all(&bs, group, PER_PARTITION);
+    assert_eq!(group_lag(&bs, &no_props(), group, &topics).expect("lag"), 0);
+    let missing = vec!["no-such-topic".to_owned()];
+    assert!(matches!(
+        group_lag(&bs, &no_props(), group, &missing),
         Err(KafkaAdminError::UnknownTopic(_))
     ));
 }

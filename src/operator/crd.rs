@@ -31,6 +31,7 @@ pub const KIND: &str = "AnalyticsPipeline";
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
     printcolumn = r#"{"name":"Partitions","type":"integer","jsonPath":".status.partitionCount"}"#,
     printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".status.readyReplicas"}"#,
+    printcolumn = r#"{"name":"Lag","type":"integer","jsonPath":".status.currentLag"}"#,
     printcolumn = r#"{"name":"Replay","type":"string","jsonPath":".status.lastReplay.state"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
@@ -139,8 +140,8 @@ impl Default for ReplicasSpec {
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct AutoscalingSpec {
-    /// `hpa` (needs the `analytics_consumer_lag_sum` pods metric via an adapter) or `keda`
-    /// (needs KEDA; uses its Kafka scaler).
+    /// `hpa` (needs prometheus-adapter serving the External metric `nexus_analytics_consumer_lag`,
+    /// rule in `k8s/prometheus-adapter/values.yaml`) or `keda` (needs KEDA; its Kafka scaler).
     #[serde(default)]
     pub kind: AutoscalerKind,
     /// Target consumer lag (records) per replica.
@@ -210,7 +211,8 @@ pub struct AnalyticsPipelineStatus {
     /// Ready consumer pods.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_replicas: Option<i32>,
-    /// Consumer group lag, when known.
+    /// Records the consumer group has not committed yet (summed over the topics' partitions), as
+    /// of the last reconcile; unset when Kafka could not say.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_lag: Option<i64>,
     /// Progress of the latest replay; the replay driver resumes from here after a restart.

@@ -68,7 +68,7 @@ pub struct KafkaConnection {
     pub props: BTreeMap<String, String>,
 }
 
-/// Reads partition counts; the real one is [`KafkaAdmin`], tests inject a fake.
+/// Reads partition counts and group lag; the real one is [`KafkaAdmin`], tests inject a fake.
 pub trait PartitionSource: Send + Sync {
     /// Partitions of `topic`.
     fn partition_count<'a>(
@@ -76,6 +76,14 @@ pub trait PartitionSource: Send + Sync {
         conn: &'a KafkaConnection,
         topic: &'a str,
     ) -> BoxFuture<'a, Result<i32, KafkaAdminError>>;
+
+    /// Records `group` has not consumed on `topics`.
+    fn group_lag<'a>(
+        &'a self,
+        conn: &'a KafkaConnection,
+        group: &'a str,
+        topics: &'a [String],
+    ) -> BoxFuture<'a, Result<i64, KafkaAdminError>>;
 }
 
 /// Resets a group's committed offsets; the real one is [`KafkaAdmin`], tests inject a fake.
@@ -111,6 +119,22 @@ impl PartitionSource for KafkaAdmin {
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
                 kafka_admin::partition_count(&conn.brokers, &conn.props, &topic)
+            })
+            .await
+            .map_err(join_error)?
+        })
+    }
+
+    fn group_lag<'a>(
+        &'a self,
+        conn: &'a KafkaConnection,
+        group: &'a str,
+        topics: &'a [String],
+    ) -> BoxFuture<'a, Result<i64, KafkaAdminError>> {
+        let (conn, group, topics) = (conn.clone(), group.to_owned(), topics.to_vec());
+        Box::pin(async move {
+            tokio::task::spawn_blocking(move || {
+                kafka_admin::group_lag(&conn.brokers, &conn.props, &group, &topics)
             })
             .await
             .map_err(join_error)?
@@ -529,6 +553,19 @@ impl Run<'_> {
         }
         Some(total)
     }
+
+    /// The group's lag, for `kubectl get`; unknown (and logged) when Kafka cannot say. Not a
+    /// health signal: scaling reads lag from Prometheus or KEDA.
+    async fn read_lag(&self) -> Option<i64> {
+        let kafka = &self.p.spec.kafka;
+        match self.ctx.partitions.group_lag(&self.conn, &kafka.group_id, &kafka.topics).await {
+            Ok(lag) => Some(lag),
+            Err(e) => {
+                tracing::warn!(pipeline = %self.name, error = %e, "cannot read the consumer group's lag");
+                None
+            }
+        }
+    }
 }
 
 fn describe(t: ResetTarget) -> String {
@@ -665,6 +702,7 @@ async fn reconcile_inner(p: &AnalyticsPipeline, ctx: &Context) -> Result<Action,
     }
     let ready_replicas = dep.status.as_ref().and_then(|s| s.ready_replicas).unwrap_or(0);
     run.st.partition_count = partitions;
+    run.st.current_lag = run.read_lag().await;
     run.st.max_replicas_capped = plan.capped;
     run.st.ready_replicas = Some(ready_replicas);
     let ready = ready_replicas >= plan.min;

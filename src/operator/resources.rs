@@ -283,6 +283,9 @@ fn dynamic(ar: &ApiResource, kind: &'static str, v: Value) -> Result<DynamicObje
     Ok(obj)
 }
 
+/// The External metric the HPA scales on (served by prometheus-adapter).
+pub const LAG_METRIC: &str = "nexus_analytics_consumer_lag";
+
 /// ServiceMonitor for the Prometheus Operator (applied only when that API exists).
 pub fn service_monitor(p: &AnalyticsPipeline) -> Result<DynamicObject, BuildError> {
     let ar = service_monitor_resource();
@@ -295,14 +298,26 @@ pub fn service_monitor(p: &AnalyticsPipeline) -> Result<DynamicObject, BuildErro
             "metadata": metadata(p, &consumer_name(p), "consumer")?,
             "spec": {
                 "selector": {"matchLabels": selector_labels(p, "consumer")},
-                "endpoints": [{"port": "metrics", "path": "/metrics", "interval": "30s"}],
+                "endpoints": [{
+                    "port": "metrics",
+                    "path": "/metrics",
+                    "interval": "30s",
+                    // The HPA's External metric selects the group by this label.
+                    "relabelings": [{
+                        "action": "replace",
+                        "targetLabel": "consumer_group",
+                        "replacement": p.spec.kafka.group_id,
+                    }],
+                }],
             },
         }),
     )
 }
 
-/// HPA on the per-pod `analytics_consumer_lag_sum` metric (summed over pods it is the group lag),
-/// so `averageValue` is the lag one replica should carry.
+/// HPA on the group's total lag, the External metric `nexus_analytics_consumer_lag` that
+/// prometheus-adapter serves from the pods' `analytics_consumer_instance_lag` (the rule in
+/// `k8s/prometheus-adapter/values.yaml`, shared with the chart). With `AverageValue` the HPA
+/// wants ceil(lag / lagPerReplica) replicas.
 pub fn hpa(
     p: &AnalyticsPipeline,
     plan: ReplicaPlan,
@@ -318,9 +333,12 @@ pub fn hpa(
                 "minReplicas": plan.min,
                 "maxReplicas": plan.max,
                 "metrics": [{
-                    "type": "Pods",
-                    "pods": {
-                        "metric": {"name": "analytics_consumer_lag_sum"},
+                    "type": "External",
+                    "external": {
+                        "metric": {
+                            "name": LAG_METRIC,
+                            "selector": {"matchLabels": {"consumer_group": p.spec.kafka.group_id}},
+                        },
                         "target": {"type": "AverageValue", "averageValue": p.spec.autoscaling.lag_per_replica.to_string()},
                     },
                 }],
@@ -502,8 +520,14 @@ pub(crate) mod tests {
         let h = serde_json::to_value(hpa(&p, plan).expect("builds")).expect("json");
         assert_eq!(h["spec"]["maxReplicas"], 6);
         assert_eq!(h["spec"]["minReplicas"], 2);
-        assert_eq!(h["spec"]["metrics"][0]["pods"]["metric"]["name"], "analytics_consumer_lag_sum");
-        assert_eq!(h["spec"]["metrics"][0]["pods"]["target"]["averageValue"], "1000");
+        let m = &h["spec"]["metrics"][0]["external"];
+        assert_eq!(m["metric"]["name"], LAG_METRIC);
+        assert_eq!(m["metric"]["selector"]["matchLabels"]["consumer_group"], p.spec.kafka.group_id);
+        assert_eq!(m["target"]["averageValue"], "1000");
+        let sm = serde_json::to_value(service_monitor(&p).expect("builds")).expect("json");
+        let relabel = &sm["spec"]["endpoints"][0]["relabelings"][0];
+        assert_eq!(relabel["targetLabel"], "consumer_group");
+        assert_eq!(relabel["replacement"], p.spec.kafka.group_id);
         let so = serde_json::to_value(scaled_object(&p, plan).expect("builds")).expect("json");
         assert_eq!(so["apiVersion"], "keda.sh/v1alpha1");
         assert_eq!(so["kind"], "ScaledObject");

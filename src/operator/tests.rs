@@ -127,7 +127,23 @@ impl PartitionSource for FakePartitions {
         let r = self.0.map_err(|()| KafkaAdminError::UnknownTopic("user-events".into()));
         Box::pin(async move { r })
     }
+
+    /// Kafka that answers partition counts answers lag too (`FAKE_LAG`).
+    fn group_lag<'a>(
+        &'a self,
+        _: &'a KafkaConnection,
+        _: &'a str,
+        _: &'a [String],
+    ) -> futures::future::BoxFuture<'a, Result<i64, KafkaAdminError>> {
+        let r = self
+            .0
+            .map(|_| FAKE_LAG)
+            .map_err(|()| KafkaAdminError::UnknownTopic("user-events".into()));
+        Box::pin(async move { r })
+    }
 }
+
+const FAKE_LAG: i64 = 1234;
 
 /// Records each reset; answers from a queue (default: one changed partition).
 #[derive(Default)]
@@ -283,6 +299,7 @@ async fn migrated_pipeline_applies_children_with_capped_hpa() {
         status_patch(|b| {
             let s = &b["status"];
             assert_eq!(s["partitionCount"], 6);
+            assert_eq!(s["currentLag"], FAKE_LAG);
             assert_eq!(s["maxReplicasCapped"], true);
             assert_eq!(s["readyReplicas"], 2);
             assert_eq!(cond(s, "Ready")["status"], "True");
