@@ -30,6 +30,11 @@
         Expand the prometheus-adapter external rules into plain PromQL (a rules
         file for `promtool check rules`) and check that the metric they serve is
         the one the chart's HPA asks for.
+    k8s_checks.py operator-scaling RENDERED.yaml ADAPTER_VALUES.yaml
+        What `nexus-analytics operator-render` printed for an HPA pipeline: the HPA
+        asks for an External metric the prometheus-adapter rule serves, selects
+        consumer_group = the pipeline's group, and the ServiceMonitor sets that
+        label on every series.
     k8s_checks.py dashboard DASHBOARD.json MIGRATIONS_DIR TELEMETRY.rs OUT.yaml
         The Grafana dashboard: valid JSON, schemaVersion >= 39, datasource
         variables DS_PROMETHEUS (prometheus) and DS_POSTGRES
@@ -376,6 +381,38 @@ def cmd_adapter_rules(adapter_values, chart_values, out):
         yaml.safe_dump({"groups": [{"name": "prometheus-adapter-expanded", "rules": rules}]}, fh, sort_keys=False)
     print(f"ok   adapter serves {want} (expanded queries -> {out})")
     return 0
+
+
+def cmd_operator_scaling(rendered, adapter_values):
+    with open(rendered) as fh:
+        docs = [d for d in yaml.safe_load_all(fh) if d]
+    with open(adapter_values) as fh:
+        adapter = yaml.safe_load(fh)
+    served = [((r.get("name") or {}).get("as")) for r in adapter["rules"]["external"]]
+    by_kind = {d["kind"]: d for d in docs}
+    problems = []
+    hpa, sm, dep = by_kind.get("HorizontalPodAutoscaler"), by_kind.get("ServiceMonitor"), by_kind.get("Deployment")
+    if not (hpa and sm and dep):
+        print(f"FAIL expected an HPA, a ServiceMonitor and a Deployment, got {sorted(by_kind)}")
+        return 1
+    env = {e["name"]: e.get("value") for c in dep["spec"]["template"]["spec"]["containers"] for e in c.get("env", [])}
+    group = env.get("KAFKA_GROUP_ID")
+    ext = hpa["spec"]["metrics"][0].get("external") or {}
+    name = (ext.get("metric") or {}).get("name")
+    selected = ((ext.get("metric") or {}).get("selector") or {}).get("matchLabels", {}).get("consumer_group")
+    if name not in served:
+        problems.append(f"the HPA asks for External metric {name!r}; prometheus-adapter serves {served}")
+    if selected != group:
+        problems.append(f"the HPA selects consumer_group={selected!r}, the consumers' KAFKA_GROUP_ID is {group!r}")
+    relabels = [r for e in sm["spec"]["endpoints"] for r in e.get("relabelings", [])
+                if r.get("targetLabel") == "consumer_group"]
+    if not relabels or relabels[0].get("replacement") != group:
+        problems.append(f"the ServiceMonitor does not set consumer_group={group!r}: {relabels}")
+    for p in problems:
+        print(f"FAIL {p}")
+    if not problems:
+        print(f"ok   operator HPA scales on {name}{{consumer_group={group}}}, served by the adapter and labelled by its ServiceMonitor")
+    return 1 if problems else 0
 
 
 def cmd_skaffold_refs(path):
@@ -829,6 +866,7 @@ def main(argv):
         "values-doc": (lambda a: cmd_values_doc(a[0], a[1]), 2),
         "extract-rules": (lambda a: cmd_extract_rules(a[0], a[1]), 2),
         "adapter-rules": (lambda a: cmd_adapter_rules(a[0], a[1], a[2]), 3),
+        "operator-scaling": (lambda a: cmd_operator_scaling(a[0], a[1]), 2),
         "skaffold-refs": (lambda a: cmd_skaffold_refs(a[0]), 1),
         "operator-rbac": (lambda a: cmd_operator_rbac(a[0], a[1], a[2]), 3),
         "dashboard": (lambda a: cmd_dashboard(a[0], a[1], a[2], a[3]), 4),

@@ -57,6 +57,15 @@ pub enum Command {
     EnvVars,
     /// Print the AnalyticsPipeline CustomResourceDefinition (YAML).
     Crd,
+    /// Print what the operator would apply for an AnalyticsPipeline manifest (YAML documents),
+    /// without a cluster: for review and for validating against schemas in CI.
+    OperatorRender {
+        /// The AnalyticsPipeline manifest (YAML).
+        file: std::path::PathBuf,
+        /// Partition count to assume (the operator reads it from Kafka; caps max replicas).
+        #[arg(long)]
+        partitions: Option<i32>,
+    },
     /// Run the Kubernetes operator that reconciles AnalyticsPipeline resources.
     Operator {
         /// Port of the operator's /livez, /readyz and /metrics.
@@ -108,6 +117,10 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Crd => {
             print!("{}", operator::crd_yaml());
+            return Ok(());
+        }
+        Command::OperatorRender { file, partitions } => {
+            print!("{}", operator::render_file(&file, partitions)?);
             return Ok(());
         }
         _ => {}
@@ -197,6 +210,6 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::EnvVars | Command::Crd => Ok(()),
+        Command::EnvVars | Command::Crd | Command::OperatorRender { .. } => Ok(()),
     }
 }

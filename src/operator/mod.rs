@@ -41,6 +41,22 @@ pub use reconcile::{Context, KafkaAdmin, KafkaConnection, OffsetResetter, Partit
 
 use metrics::Metrics;
 
+/// Placeholder uid for a manifest read from a file: the API server assigns the real one, and
+/// the children's owner references need one.
+const RENDER_UID: &str = "00000000-0000-0000-0000-000000000000";
+
+/// `nexus-analytics operator-render`: reads an AnalyticsPipeline manifest and returns what the
+/// operator would apply for it (namespace `default` when the manifest names none).
+pub fn render_file(path: &std::path::Path, partitions: Option<i32>) -> anyhow::Result<String> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut p: AnalyticsPipeline = serde_saphyr::from_str(&text)
+        .with_context(|| format!("{} is not an AnalyticsPipeline", path.display()))?;
+    p.metadata.uid.get_or_insert_with(|| RENDER_UID.to_owned());
+    p.metadata.namespace.get_or_insert_with(|| "default".to_owned());
+    Ok(resources::render_children(&p, partitions)?)
+}
+
 /// Options of `nexus-analytics operator`.
 #[derive(Debug, Clone)]
 pub struct OperatorOptions {

@@ -403,6 +403,41 @@ pub fn pdb(p: &AnalyticsPipeline) -> Result<PodDisruptionBudget, BuildError> {
     )
 }
 
+/// Every child the reconciler applies for a running (not paused, not replaying) pipeline, in
+/// its order, as YAML documents: for `nexus-analytics operator-render`, so CI can validate the
+/// operator's output against the real Kubernetes and CRD schemas without a cluster.
+/// `partitions` stands in for the count the reconciler reads from Kafka.
+pub fn render_children(
+    p: &AnalyticsPipeline,
+    partitions: Option<i32>,
+) -> Result<String, BuildError> {
+    let plan = plan_replicas(&p.spec.replicas, partitions);
+    let mut docs =
+        vec![to_value(migration_job(p)?), to_value(deployment(p, None)?), to_value(service(p)?)];
+    if p.spec.service_monitor {
+        docs.push(to_value(service_monitor(p)?));
+    }
+    docs.push(match p.spec.autoscaling.kind {
+        AutoscalerKind::Hpa => to_value(hpa(p, plan)?),
+        AutoscalerKind::Keda => to_value(scaled_object(p, plan)?),
+    });
+    docs.push(to_value(pdb(p)?));
+    let mut out = String::new();
+    for doc in docs {
+        out.push_str("---\n");
+        // Plain JSON values always serialise; JSON is valid YAML should that ever change.
+        out.push_str(&serde_saphyr::to_string(&doc).unwrap_or_else(|_| doc.to_string()));
+        if !out.ends_with('\n') {
+            out.push('\n');
+        }
+    }
+    Ok(out)
+}
+
+fn to_value(object: impl serde::Serialize) -> Value {
+    serde_json::to_value(object).unwrap_or(Value::Null)
+}
+
 /// The autoscaler kind in use, for callers that must delete or apply it.
 pub fn autoscaler_kind(p: &AnalyticsPipeline) -> AutoscalerKind {
     p.spec.autoscaling.kind
