@@ -32,10 +32,11 @@ use crate::event::Event;
 /// Embedded migrations from `migrations/`.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
-/// One statement, one transaction: insert the batch, skip redeliveries, and add exactly the
-/// inserted rows to the per-minute counts. Counts are upserted in key order so concurrent
-/// replicas lock count rows in the same order and cannot deadlock.
-const INSERT_SQL: &str = r#"
+/// The batch's rows as one `INSERT … SELECT FROM UNNEST` over the eight column arrays $1–$8
+/// bound by [`bind_rows`]; both statements below start with it.
+macro_rules! insert_batch_rows {
+    () => {
+        r#"
 WITH inserted AS (
     INSERT INTO analytics.events
         (event_type, user_id, service, "timestamp", data, kafka_topic, kafka_partition, kafka_offset)
@@ -43,7 +44,16 @@ WITH inserted AS (
     FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[],
                 $6::text[], $7::int4[], $8::int8[])
          AS t(event_type, user_id, service, ts, data, topic, part, off)
-    ON CONFLICT DO NOTHING
+"#
+    };
+}
+
+/// One statement, one transaction: insert the batch, skip redeliveries, and add exactly the
+/// inserted rows to the per-minute counts. Counts are upserted in key order so concurrent
+/// replicas lock count rows in the same order and cannot deadlock.
+const INSERT_SQL: &str = concat!(
+    insert_batch_rows!(),
+    r#"    ON CONFLICT DO NOTHING
     RETURNING event_type, service, "timestamp"
 ), counted AS (
     INSERT INTO analytics.event_counts AS c (bucket, event_type, service, count)
@@ -55,21 +65,16 @@ WITH inserted AS (
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM inserted)
-"#;
+"#
+);
 
 /// The fast path: insert the whole batch, failing on any already-stored record (SQLSTATE
 /// 23505), and add the batch's counts ($9–$12, aggregated by [`Counts::of`]). The counts read
 /// `inserted`, so they are upserted after the events as in [`INSERT_SQL`] (same lock order),
 /// in key order by the database's collation.
-const FAST_INSERT_SQL: &str = r#"
-WITH inserted AS (
-    INSERT INTO analytics.events
-        (event_type, user_id, service, "timestamp", data, kafka_topic, kafka_partition, kafka_offset)
-    SELECT t.event_type, t.user_id, t.service, t.ts, t.data::jsonb, t.topic, t.part, t.off
-    FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamptz[], $5::text[],
-                $6::text[], $7::int4[], $8::int8[])
-         AS t(event_type, user_id, service, ts, data, topic, part, off)
-    RETURNING 1
+const FAST_INSERT_SQL: &str = concat!(
+    insert_batch_rows!(),
+    r#"    RETURNING 1
 ), counted AS (
     INSERT INTO analytics.event_counts AS c (bucket, event_type, service, count)
     SELECT u.bucket, u.event_type, u.service, u.n
@@ -81,7 +86,8 @@ WITH inserted AS (
     RETURNING 1
 )
 SELECT (SELECT count(*) FROM inserted)
-"#;
+"#
+);
 
 /// SQLSTATE unique_violation: the batch holds a record that is already stored.
 const UNIQUE_VIOLATION: &str = "23505";
