@@ -144,6 +144,21 @@ pub fn partition_count(
     Ok(i32::try_from(n).unwrap_or(i32::MAX))
 }
 
+/// Every partition of `topics`, each with `group`'s committed offset (`Invalid` where none).
+fn committed_offsets(
+    c: &BaseConsumer,
+    group: &str,
+    topics: &[String],
+) -> Result<TopicPartitionList, KafkaAdminError> {
+    let mut all = TopicPartitionList::new();
+    for topic in topics {
+        for p in partitions_of(c, topic)? {
+            all.add_partition(topic, p);
+        }
+    }
+    c.committed_offsets(all, TIMEOUT).map_err(kafka(format!("committed offsets of group {group}")))
+}
+
 /// Records `group` still has to consume on `topics`: per partition, high watermark minus the
 /// committed offset (the log start when it never committed), summed. Reads offsets only; it
 /// never joins the group.
@@ -154,15 +169,7 @@ pub fn group_lag(
     topics: &[String],
 ) -> Result<i64, KafkaAdminError> {
     let c = consumer(brokers, props, Some(group))?;
-    let mut tpl = TopicPartitionList::new();
-    for topic in topics {
-        for p in partitions_of(&c, topic)? {
-            tpl.add_partition(topic, p);
-        }
-    }
-    let committed = c
-        .committed_offsets(tpl, TIMEOUT)
-        .map_err(kafka(format!("committed offsets of {group}")))?;
+    let committed = committed_offsets(&c, group, topics)?;
     let mut total = 0i64;
     for e in committed.elements() {
         let (low, high) = c
@@ -250,21 +257,12 @@ pub fn reset_offsets(
         Err(e) => return Err(e),
     }
     let c = consumer(brokers, props, Some(group))?;
-
-    let mut all = TopicPartitionList::new();
-    for topic in topics {
-        for p in partitions_of(&c, topic)? {
-            all.add_partition(topic, p);
-        }
-    }
-    let committed = c
-        .committed_offsets(all.clone(), TIMEOUT)
-        .map_err(kafka(format!("committed offsets of group {group}")))?;
+    let committed = committed_offsets(&c, group, topics)?;
 
     let targets: TopicPartitionList = match target {
         ResetTarget::Earliest => {
             let mut tpl = TopicPartitionList::new();
-            for e in all.elements() {
+            for e in committed.elements() {
                 let (low, _) = c
                     .fetch_watermarks(e.topic(), e.partition(), TIMEOUT)
                     .map_err(kafka(format!("watermarks of {}[{}]", e.topic(), e.partition())))?;
@@ -275,7 +273,7 @@ pub fn reset_offsets(
         }
         ResetTarget::Time(t) => {
             let mut query = TopicPartitionList::new();
-            for e in all.elements() {
+            for e in committed.elements() {
                 query
                     .add_partition_offset(
                         e.topic(),
