@@ -6,6 +6,7 @@
 //! (a blocking database write) before partitions move. Offsets are committed explicitly, only
 //! after the batch's transaction committed (`enable.auto.commit=false`).
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,6 +26,8 @@ use crate::pipeline::Pipeline;
 
 /// Longest the loop blocks in `poll` when idle, which bounds how quickly it notices shutdown.
 const IDLE_POLL: Duration = Duration::from_millis(200);
+/// Per-partition budget of a watermark query while paused.
+const WATERMARK_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long a revocation waits for an unavailable database before giving the partitions up.
 const REVOKE_FLUSH_BUDGET: Duration = Duration::from_secs(10);
 
@@ -50,6 +53,9 @@ pub struct PipelineContext {
     /// When lag was last published, and how often it may be.
     lag_published: Mutex<Option<Instant>>,
     lag_refresh: Duration,
+    /// High watermarks listed from the brokers while fetching is paused: statistics only learn
+    /// them from fetch responses, so without these the lag would freeze during an outage.
+    listed_high: Mutex<HashMap<(String, i32), i64>>,
 }
 
 impl PipelineContext {
@@ -60,13 +66,14 @@ impl PipelineContext {
     /// Lag from librdkafka's statistics, which arrive on the consumer thread: the high
     /// watermark from fetch responses, the committed offset and the log start of every partition
     /// assigned to us. No extra broker request per refresh, and no librdkafka call from another
-    /// thread.
+    /// thread. While paused, the watermarks listed by [`refresh_listed_watermarks`] count too.
     fn publish_lag(&self, stats: &Statistics) {
         let mut last = self.lag_published.lock().unwrap_or_else(|e| e.into_inner());
         if last.is_some_and(|t| t.elapsed() < self.lag_refresh) {
             return;
         }
         *last = Some(Instant::now());
+        let listed = self.listed_high.lock().unwrap_or_else(|e| e.into_inner());
         let mut lag = LagMap::new();
         for (topic, t) in &stats.topics {
             for p in t.partitions.values() {
@@ -74,7 +81,9 @@ impl PipelineContext {
                     continue;
                 }
                 let committed = (p.committed_offset >= 0).then_some(p.committed_offset);
-                if let Some(l) = lag::partition_lag(p.lo_offset, p.hi_offset, committed) {
+                let listed = listed.get(&(topic.clone(), p.partition)).copied();
+                let high = lag::freshest_high_watermark(listed, Some(p.hi_offset)).unwrap_or(-1);
+                if let Some(l) = lag::partition_lag(p.lo_offset, high, committed) {
                     lag.insert((topic.clone(), p.partition), l);
                 }
             }
@@ -150,6 +159,8 @@ impl ConsumerContext for PipelineContext {
     }
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        // Listed watermarks belong to the old assignment (and a recreated topic starts lower).
+        self.listed_high.lock().unwrap_or_else(|e| e.into_inner()).clear();
         let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
         self.status().set_assigned_partitions(assigned as i64);
         if let Rebalance::Assign(tpl) = rebalance {
@@ -194,10 +205,32 @@ pub fn create_consumer(
         pipeline,
         lag_published: Mutex::new(None),
         lag_refresh: Duration::from_secs(settings.lag_refresh_secs),
+        listed_high: Mutex::new(HashMap::new()),
     };
     let consumer: PipelineConsumer = config.create_with_context(context)?;
     consumer.subscribe(&settings.topics())?;
     Ok(consumer)
+}
+
+/// Lists the high watermark of every assigned partition (while paused: nothing is fetched, so
+/// statistics would not see new records). Gives up at the first failure, so an unreachable
+/// broker costs one short timeout per refresh.
+fn refresh_listed_watermarks(consumer: &PipelineConsumer) {
+    let Ok(assignment) = consumer.assignment() else {
+        return;
+    };
+    let mut listed = HashMap::new();
+    for e in assignment.elements() {
+        match consumer.fetch_watermarks(e.topic(), e.partition(), WATERMARK_TIMEOUT) {
+            Ok((_, high)) => {
+                listed.insert((e.topic().to_string(), e.partition()), high);
+            }
+            Err(_) => break,
+        }
+    }
+    let context = consumer.context();
+    let mut held = context.listed_high.lock().unwrap_or_else(|e| e.into_inner());
+    held.extend(listed);
 }
 
 fn set_paused(consumer: &PipelineConsumer, paused: bool) {
@@ -218,8 +251,15 @@ pub fn consume(consumer: &PipelineConsumer, shutdown: &AtomicBool, drain_budget:
     let mut backoff = Backoff::default();
     // Some while paused: when to try the failed batch again.
     let mut retry_at: Option<Instant> = None;
+    // While paused: when the high watermarks were last listed.
+    let mut watermarks_at: Option<Instant> = None;
+    let lag_refresh = consumer.context().lag_refresh;
     while !shutdown.load(Ordering::Relaxed) {
         status.beat();
+        if retry_at.is_some() && watermarks_at.is_none_or(|t| t.elapsed() >= lag_refresh) {
+            refresh_listed_watermarks(consumer);
+            watermarks_at = Some(Instant::now());
+        }
         let now = Instant::now();
         let timeout = match retry_at {
             Some(at) => at.saturating_duration_since(now).min(IDLE_POLL),
@@ -245,6 +285,9 @@ pub fn consume(consumer: &PipelineConsumer, shutdown: &AtomicBool, drain_budget:
                 if retry_at.take().is_some() {
                     status.set_write_error(None);
                     set_paused(consumer, false);
+                    // The listed watermarks stay: until fetch responses pass them they are the
+                    // freshest, and forgetting them would show a lag of 0 for a moment.
+                    watermarks_at = None;
                     info!("writes succeed again; fetching resumed");
                     backoff.reset();
                 }

@@ -188,6 +188,19 @@ fn lag_equals_unconsumed_events_and_drains_to_zero() {
         == Some(1.0)));
     assert!(matches!(svc.get("/readyz"), Some((503, body)) if body.contains("writes failing")));
 
+    // Records produced while fetching is paused count too: the backlog an SRE sees grows.
+    let during = produce_demo(&bootstrap, &topic, 500, 0, 14) as i64;
+    let produced = produced + during;
+    let grew = wait_until(Duration::from_secs(30), || {
+        svc.metric("analytics_consumer_instance_lag") == Some(produced as f64)
+    });
+    assert!(
+        grew,
+        "lag {:?} while paused, want {produced}",
+        svc.metric("analytics_consumer_instance_lag")
+    );
+    assert_eq!(svc.metric("analytics_consumer_paused"), Some(1.0), "still paused");
+
     run_sql(&db.url, "ALTER TABLE analytics.events_hidden RENAME TO events");
     let drained = wait_until(Duration::from_secs(30), || {
         svc.metric("analytics_consumer_instance_lag") == Some(0.0)
