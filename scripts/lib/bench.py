@@ -347,6 +347,18 @@ class Bench:
             die(f"produce failed (exit {rc}): {child.tail()}")
         return elapsed
 
+    def run_client(self, what: str, name: str, argv: list, env: dict | None = None,
+                   timeout: float | None = None) -> tuple[Child, dict]:
+        """Runs a benchmark client to the end; returns it and the JSON summary line it printed,
+        or dies naming `what`."""
+        child = self.spawn(name, argv, env)
+        rc = child.proc.wait(timeout=timeout)
+        child.stop()
+        out = parse_json_line(child)
+        if rc != 0 or not out:
+            die(f"{what} failed: {child.tail()}")
+        return child, out
+
     # -- databases ------------------------------------------------------------------------
 
     def connect(self, url: str, autocommit: bool = True):
@@ -555,11 +567,9 @@ class Bench:
 
     def phase_broker(self) -> None:
         n = self.args.events
-        child = self.spawn("broker-drain", [self.clients_bin, "drain", self.brokers, self.topic, n])
-        rc = child.proc.wait()
-        child.stop()
-        out = parse_json_line(child)
-        if rc != 0 or not out or out["records"] < n:
+        child, out = self.run_client("broker drain", "broker-drain",
+                                     [self.clients_bin, "drain", self.brokers, self.topic, n])
+        if out["records"] < n:
             die(f"broker drain failed: {child.tail()}")
         eps = n / out["elapsed_s"]
         self.res.values["broker_eps"] = eps
@@ -570,13 +580,9 @@ class Bench:
     def phase_naive(self) -> None:
         n = self.args.events
         url = self.fresh_db("naive")
-        child = self.spawn("naive", [self.clients_bin, "naive", self.brokers, self.topic, url, n,
-                                     self.args.naive_secs])
-        rc = child.proc.wait()
-        child.stop()
-        out = parse_json_line(child)
-        if rc != 0 or not out:
-            die(f"naive baseline failed: {child.tail()}")
+        _, out = self.run_client("naive baseline", "naive",
+                                 [self.clients_bin, "naive", self.brokers, self.topic, url, n,
+                                  self.args.naive_secs])
         rows = self.scalar(url, "SELECT count(*) FROM analytics.events")
         span = max(out["last_s"] - out["first_s"], 1e-9)
         eps = rows / span
@@ -594,12 +600,8 @@ class Bench:
             env = dict(self.clean_env)
             argv = [sys.executable, Path(__file__).resolve(), "--python-worker", mode,
                     self.brokers, self.topic, url, str(n), str(self.args.session_timeout_ms)]
-            child = self.spawn(f"python-{mode}", argv, env)
-            rc = child.proc.wait(timeout=self.args.timeout)
-            child.stop()
-            out = parse_json_line(child)
-            if rc != 0 or not out:
-                die(f"python baseline ({mode}) failed: {child.tail()}")
+            child, out = self.run_client(f"python baseline ({mode})", f"python-{mode}", argv, env,
+                                         timeout=self.args.timeout)
             total = out["done_wall"] - child.started_wall
             rows = self.scalar(url, "SELECT count(*) FROM analytics.events")
             if rows != n:
