@@ -72,6 +72,16 @@ import sys
 
 import yaml
 
+
+def verdict(problems, ok, prefix=""):
+    """Prints each problem as a FAIL line, or the `ok` line when there is none; the exit code."""
+    for p in problems:
+        print(f"FAIL {prefix}{p}")
+    if problems:
+        return 1
+    print(f"ok   {ok}")
+    return 0
+
 OUR_NAME = "nexus-analytics"
 OUR_COMPONENTS = {"consumer", "migrations", "operator"}
 ALWAYS_ALLOWED_PREFIXES = ("KAFKA_PROPERTY_",)
@@ -226,13 +236,8 @@ def cmd_operator_rbac(cluster_render, ns_render, watch_ns):
             problems.append(f"{where}: operator args {args} (namespace scoping {ns!r})")
     if len(rules) == 2 and rules["ClusterRole"] != rules["Role"]:
         problems.append("ClusterRole and Role rules differ")
-    if problems:
-        for p in problems:
-            print(f"FAIL {p}")
-        return 1
     n = len(rules.get("Role", []))
-    print(f"ok   {n} rules, identical in the ClusterRole and the Role in {watch_ns}, no wildcard, bound to the operator's ServiceAccount")
-    return 0
+    return verdict(problems, f"{n} rules, identical in the ClusterRole and the Role in {watch_ns}, no wildcard, bound to the operator's ServiceAccount")
 
 
 # ---------------------------------------------------------------- values docs
@@ -333,12 +338,7 @@ def cmd_values_doc(values_path, readme_path):
     for path in docs:
         if f"`{path}`" not in readme:
             problems.append(f"{path} is missing from {readme_path}")
-    if problems:
-        for p in problems:
-            print(f"FAIL {p}")
-        return 1
-    print(f"ok   {len(docs)} documented values, all leaves covered, all in {readme_path}")
-    return 0
+    return verdict(problems, f"{len(docs)} documented values, all leaves covered, all in {readme_path}")
 
 
 # ---------------------------------------------------------------- prometheus
@@ -408,11 +408,7 @@ def cmd_operator_scaling(rendered, adapter_values):
                 if r.get("targetLabel") == "consumer_group"]
     if not relabels or relabels[0].get("replacement") != group:
         problems.append(f"the ServiceMonitor does not set consumer_group={group!r}: {relabels}")
-    for p in problems:
-        print(f"FAIL {p}")
-    if not problems:
-        print(f"ok   operator HPA scales on {name}{{consumer_group={group}}}, served by the adapter and labelled by its ServiceMonitor")
-    return 1 if problems else 0
+    return verdict(problems, f"operator HPA scales on {name}{{consumer_group={group}}}, served by the adapter and labelled by its ServiceMonitor")
 
 
 def cmd_skaffold_refs(path):
@@ -454,12 +450,7 @@ def cmd_skaffold_refs(path):
                 for v in vals:
                     if isinstance(v, str) and (v.endswith(".yaml") or v.endswith(".yml")):
                         need(v, f"{where} patch {patch['path']}")
-    if problems:
-        for p in problems:
-            print(f"FAIL {p}")
-        return 1
-    print(f"ok   {checked} file references in {path} resolve")
-    return 0
+    return verdict(problems, f"{checked} file references in {path} resolve")
 
 
 # ---------------------------------------------------------------- grafana dashboard
@@ -667,12 +658,8 @@ def cmd_dashboard_configmap(rendered, dash_path, opts):
             problems.append(f"annotation {k}={(meta.get('annotations') or {}).get(k)!r}, want {v!r}")
     if namespace and meta.get("namespace") != namespace:
         problems.append(f"namespace {meta.get('namespace')!r}, want {namespace!r}")
-    if problems:
-        for p in problems:
-            print(f"FAIL ConfigMap {meta['name']}: {p}")
-        return 1
-    print(f"ok   ConfigMap {meta['namespace']}/{meta['name']} holds {dash_path} unchanged, labels {labels}, annotations {annotations}")
-    return 0
+    return verdict(problems, f"ConfigMap {meta.get('namespace')}/{meta['name']} holds {dash_path} unchanged, labels {labels}, annotations {annotations}",
+                   prefix=f"ConfigMap {meta['name']}: ")
 
 
 # ---------------------------------------------------------------- chart features -> env
@@ -851,12 +838,7 @@ def cmd_binary_config(binary, rendered):
 
     with ThreadPoolExecutor(max_workers=8) as pool:
         problems = [p for p in pool.map(one, runs) if p]
-    if problems:
-        for p in problems:
-            print(f"FAIL {p}")
-        return 1
-    print(f"ok   {binary} accepts the rendered configuration of {len(runs)} workloads")
-    return 0
+    return verdict(problems, f"{binary} accepts the rendered configuration of {len(runs)} workloads")
 
 
 def main(argv):
