@@ -227,6 +227,11 @@ class Results:
         self.rows.append((phase, metric, value, detail))
         log(f"{phase}: {metric} = {value} {detail}")
 
+    def rate(self, key: str, phase: str, metric: str, eps: float, detail: str) -> None:
+        """A throughput: kept under `key` for the RESULT line and shown as a row."""
+        self.values[key] = eps
+        self.add(phase, metric, f"{fmt_int(eps)}/s", detail)
+
 
 def fmt_int(x: float) -> str:
     return f"{x:,.0f}"
@@ -498,11 +503,10 @@ class Bench:
         total = done - svc.started
         eps = n / total
         steady = n / (done - first) if first and done > first else eps
-        self.res.values["service_eps"] = eps
         self.res.values["service_rss_mib"] = rss.hwm_kib / 1024
-        self.res.add("service", "throughput", f"{fmt_int(eps)}/s",
-                     f"{fmt_int(n)} rows in {total:.2f}s from process start "
-                     f"(first row after {first - svc.started:.2f}s; {fmt_int(steady)}/s after it)")
+        self.res.rate("service_eps", "service", "throughput", eps,
+                      f"{fmt_int(n)} rows in {total:.2f}s from process start "
+                      f"(first row after {first - svc.started:.2f}s; {fmt_int(steady)}/s after it)")
         wall = done - svc.started
         startup = (first or done) - svc.started
         self.res.add("service", "time budget",
@@ -560,10 +564,9 @@ class Bench:
         size = dump.stat().st_size
         dump.unlink()
         eps = n / elapsed
-        self.res.values["copy_eps"] = eps
-        self.res.add("limit", "COPY", f"{fmt_int(eps)}/s",
-                     f"same {fmt_int(n)} rows, same table and indexes, one COPY ({size / 2**20:.0f} MiB"
-                     f" text) in {elapsed:.2f}s")
+        self.res.rate("copy_eps", "limit", "COPY", eps,
+                      f"same {fmt_int(n)} rows, same table and indexes, one COPY ({size / 2**20:.0f} MiB"
+                      f" text) in {elapsed:.2f}s")
 
     def phase_broker(self) -> None:
         n = self.args.events
@@ -572,10 +575,9 @@ class Bench:
         if out["records"] < n:
             die(f"broker drain failed: {child.tail()}")
         eps = n / out["elapsed_s"]
-        self.res.values["broker_eps"] = eps
-        self.res.add("limit", "broker consume", f"{fmt_int(eps)}/s",
-                     f"librdkafka consumer counting records, {out['elapsed_s']:.2f}s "
-                     f"(first record after {out['first_s']:.2f}s)")
+        self.res.rate("broker_eps", "limit", "broker consume", eps,
+                      f"librdkafka consumer counting records, {out['elapsed_s']:.2f}s "
+                      f"(first record after {out['first_s']:.2f}s)")
 
     def phase_naive(self) -> None:
         n = self.args.events
@@ -586,10 +588,9 @@ class Bench:
         rows = self.scalar(url, "SELECT count(*) FROM analytics.events")
         span = max(out["last_s"] - out["first_s"], 1e-9)
         eps = rows / span
-        self.res.values["naive_eps"] = eps
-        self.res.add("baseline", "naive (1 INSERT+commit/event)", f"{fmt_int(eps)}/s",
-                     f"Rust, one connection, {fmt_int(rows)} rows in {span:.1f}s "
-                     f"(capped at {self.args.naive_secs}s), {1000 * span / max(rows, 1):.2f} ms/event")
+        self.res.rate("naive_eps", "baseline", "naive (1 INSERT+commit/event)", eps,
+                      f"Rust, one connection, {fmt_int(rows)} rows in {span:.1f}s "
+                      f"(capped at {self.args.naive_secs}s), {1000 * span / max(rows, 1):.2f} ms/event")
 
     def phase_python(self) -> None:
         n = self.args.events
