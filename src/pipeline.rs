@@ -90,7 +90,7 @@ impl Batch {
 }
 
 /// What a successful flush did, for callers that report on it.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct FlushReport {
     /// Records in the batch.
     pub events: usize,
@@ -254,11 +254,14 @@ impl Pipeline {
     /// How long the loop may block in `poll`: not at all when there is work, and briefly
     /// while writes run, so their offsets commit soon after they finish.
     pub fn poll_timeout(&self, now: Instant, idle: Duration) -> Duration {
-        match self.next_step(now) {
+        let in_flight = self.in_flight().len();
+        let b = self.batch();
+        let slots = (in_flight, self.max_in_flight);
+        match self.policy.next_step(b.len(), b.bytes, b.first_at, now, slots) {
             Step::Dispatch | Step::WaitOldest => Duration::ZERO,
             // Not zero even when the batch is due but waits for a write slot: do not spin.
-            Step::Fill if !self.in_flight().is_empty() => IN_FLIGHT_POLL.min(idle),
-            Step::Fill => self.policy.poll_timeout(self.batch().first_at, now, idle),
+            Step::Fill if in_flight > 0 => IN_FLIGHT_POLL.min(idle),
+            Step::Fill => self.policy.poll_timeout(b.first_at, now, idle),
         }
     }
 
