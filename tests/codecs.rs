@@ -74,11 +74,20 @@ fn consume_errors_are_counted_and_turn_readiness_down_until_fixed() {
     broker.create_topic(&format!("{topic}.dlq"), 1);
     let db = TestDb::create();
     let bootstrap = broker.bootstrap();
-    let svc = Service::consuming(&bootstrap, &topic, &db.url, &[]);
+    // librdkafka sees a topic created later at its next metadata refresh (5 min by default).
+    let refresh = [("KAFKA_PROPERTY_TOPIC_METADATA_REFRESH_INTERVAL_MS", "2000")];
+    let svc = Service::consuming(&bootstrap, &topic, &db.url, &refresh);
     let series = "analytics_consume_errors_total{reason=\"unknown_topic_or_partition\"}";
     let counted = wait_until(Duration::from_secs(30), || svc.metric(series).unwrap_or(0.0) > 0.0);
     assert!(counted, "{series} never counted\n{}", svc.log_text());
+    // librdkafka reports a missing subscribed topic on each metadata refresh, so look while the
+    // error is recent (a stuck batch, by contrast, errors on every fetch retry).
+    let blamed = wait_until(Duration::from_secs(10), || {
+        matches!(svc.get("/readyz"), Some((503, b)) if b.contains(r#""database":{"up":true"#)
+            && b.contains(r#""consume":{"up":false"#))
+    });
     let (code, body) = svc.get("/readyz").expect("readyz");
+    assert!(blamed, "{body}");
     assert_eq!(code, 503, "{body}");
     let ready: serde_json::Value = serde_json::from_str(&body).expect("json");
     assert_eq!(ready["consume"]["up"], false, "{body}");
