@@ -183,7 +183,11 @@ fn late_and_far_future_rows_leave_the_default_partition_and_retention_reaches_th
     // Retention later reaches the partition created for the late rows.
     let later = run(&db, policy, "2026-12-25T12:00:00Z");
     assert!(later.dropped.contains(&"events_p20261124".to_string()), "{later:?}");
-    assert_eq!(db.rows(), 25, "today's (not yet entirely past the cutoff) and the far-future rows remain");
+    assert_eq!(
+        db.rows(),
+        25,
+        "today's (not yet entirely past the cutoff) and the far-future rows remain"
+    );
 }
 
 /// Without retention, back-filled history gets partitions of its own periods too.
