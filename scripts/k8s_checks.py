@@ -14,6 +14,12 @@
         render, a Role + RoleBinding in WATCH_NS in the second, with the same
         rules, no wildcard, bound to the operator Deployment's ServiceAccount,
         and `--namespace WATCH_NS` exactly when namespaced.
+    k8s_checks.py operator-knobs SA_RENDER.yaml NO_RBAC_RENDER.yaml
+        operator.replicas=3 with serviceAccount.name=pipelines-operator (+ an
+        annotation) in the first render: 3 replicas, that ServiceAccount created,
+        annotated, run by the Deployment and bound by every operator binding; the
+        second (serviceAccount.create=false, name existing-sa, rbac.create=false):
+        no operator ServiceAccount, Role, ClusterRole or binding, run as existing-sa.
     k8s_checks.py values-table VALUES.yaml
         Print the README table of every value documented with a '# --' comment.
     k8s_checks.py values-doc VALUES.yaml README.md
@@ -168,13 +174,42 @@ def cmd_env_drift(allowed_file, rendered):
 # ---------------------------------------------------------------- operator RBAC
 
 def _operator_parts(path):
+    """Operator objects by kind; the leader-election Role/RoleBinding (`*-lease`) under
+    "LeaseRole"/"LeaseRoleBinding"."""
     docs = load_docs([path])
     comp = lambda d: ((d.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/component")
     ops = [d for d in docs if comp(d) == "operator"]
     by_kind = {}
     for d in ops:
-        by_kind.setdefault(d["kind"], []).append(d)
+        kind = d["kind"]
+        if kind in ("Role", "RoleBinding") and d["metadata"]["name"].endswith("-lease"):
+            kind = "Lease" + kind
+        by_kind.setdefault(kind, []).append(d)
     return by_kind
+
+
+def _lease_problems(where, parts, sa, args):
+    """The Lease Role: only create, and get/patch of the one Lease the operator is told to use,
+    in the ServiceAccount's namespace, bound to it."""
+    problems = []
+    role, binding = parts["LeaseRole"][0], parts["LeaseRoleBinding"][0]
+    lease = args[args.index("--lease-name") + 1] if "--lease-name" in args else None
+    want = _norm_rules([
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "patch"],
+         "resourceNames": [lease]},
+    ])
+    if _norm_rules(role.get("rules") or []) != want:
+        problems.append(f"{where}: lease Role rules {role.get('rules')}, want create + get/patch of {lease!r}")
+    for obj in (role, binding):
+        if obj["metadata"].get("namespace") != sa["metadata"]["namespace"]:
+            problems.append(f"{where}: {obj['metadata']['name']} not in the operator's namespace")
+    subj = {(x["kind"], x["name"], x.get("namespace")) for x in binding.get("subjects") or []}
+    if subj != {("ServiceAccount", sa["metadata"]["name"], sa["metadata"]["namespace"])}:
+        problems.append(f"{where}: lease RoleBinding subjects {subj}")
+    if binding["roleRef"]["name"] != role["metadata"]["name"]:
+        problems.append(f"{where}: lease RoleBinding refers to {binding['roleRef']['name']}")
+    return problems
 
 
 def _norm_rules(rules):
@@ -196,7 +231,8 @@ def cmd_operator_rbac(cluster_render, ns_render, watch_ns):
         parts = _operator_parts(path)
         where = path.rsplit("/", 1)[-1]
         kinds = {k: len(v) for k, v in parts.items()}
-        want = {"ServiceAccount": 1, "Deployment": 1, role_kind: 1, binding_kind: 1}
+        want = {"ServiceAccount": 1, "Deployment": 1, role_kind: 1, binding_kind: 1,
+                "LeaseRole": 1, "LeaseRoleBinding": 1}
         if kinds != want:
             problems.append(f"{where}: operator objects {kinds}, want {want}")
             continue
@@ -223,11 +259,18 @@ def cmd_operator_rbac(cluster_render, ns_render, watch_ns):
         pod = spec["template"]["spec"]
         if pod.get("serviceAccountName") != sa["metadata"]["name"]:
             problems.append(f"{where}: operator Deployment runs as {pod.get('serviceAccountName')!r}")
-        if spec.get("replicas") != 1 or (spec.get("strategy") or {}).get("type") != "Recreate":
-            problems.append(f"{where}: operator Deployment must have 1 replica and Recreate (no leader election)")
         args = pod["containers"][0].get("args") or []
         if args[:3] != ["operator", "--port", "8080"]:
             problems.append(f"{where}: operator args {args}")
+        # Replicas beyond one are standbys: only the Lease holder reconciles.
+        if "--leader-elect" not in args or "--lease-name" not in args:
+            problems.append(f"{where}: operator args {args} lack --leader-elect/--lease-name")
+        if (spec.get("strategy") or {}).get("type") != "RollingUpdate":
+            problems.append(f"{where}: operator Deployment strategy {spec.get('strategy')}, want RollingUpdate")
+        env = {e["name"]: e for e in pod["containers"][0].get("env") or []}
+        if (env.get("POD_NAMESPACE", {}).get("valueFrom") or {}).get("fieldRef", {}).get("fieldPath") != "metadata.namespace":
+            problems.append(f"{where}: operator container lacks POD_NAMESPACE from metadata.namespace")
+        problems += _lease_problems(where, parts, sa, args)
         if ns:
             has_ns = "--namespace" in args and args[args.index("--namespace") + 1] == ns
         else:
@@ -237,7 +280,37 @@ def cmd_operator_rbac(cluster_render, ns_render, watch_ns):
     if len(rules) == 2 and rules["ClusterRole"] != rules["Role"]:
         problems.append("ClusterRole and Role rules differ")
     n = len(rules.get("Role", []))
-    return verdict(problems, f"{n} rules, identical in the ClusterRole and the Role in {watch_ns}, no wildcard, bound to the operator's ServiceAccount")
+    return verdict(problems, f"{n} rules, identical in the ClusterRole and the Role in {watch_ns}, no wildcard, bound to the operator's ServiceAccount; leader election on by default with a Lease Role for that one Lease")
+
+
+def cmd_operator_knobs(sa_render, norbac_render):
+    problems = []
+    parts = _operator_parts(sa_render)
+    dep = parts["Deployment"][0]
+    if dep["spec"].get("replicas") != 3:
+        problems.append(f"operator.replicas=3 rendered replicas {dep['spec'].get('replicas')}")
+    sas = parts.get("ServiceAccount") or []
+    if [s["metadata"]["name"] for s in sas] != ["pipelines-operator"]:
+        problems.append(f"ServiceAccounts {[s['metadata']['name'] for s in sas]}, want pipelines-operator")
+    elif (sas[0]["metadata"].get("annotations") or {}).get("team") != "analytics":
+        problems.append("operator.serviceAccount.annotations not on the ServiceAccount")
+    if dep["spec"]["template"]["spec"].get("serviceAccountName") != "pipelines-operator":
+        problems.append("the Deployment does not run as operator.serviceAccount.name")
+    bindings = (parts.get("ClusterRoleBinding") or []) + (parts.get("LeaseRoleBinding") or [])
+    if len(bindings) != 2:
+        problems.append(f"{len(bindings)} operator bindings, want the ClusterRoleBinding and the lease RoleBinding")
+    for b in bindings:
+        names = {x["name"] for x in b.get("subjects") or []}
+        if names != {"pipelines-operator"}:
+            problems.append(f"{b['kind']}/{b['metadata']['name']} binds {names}")
+    parts = _operator_parts(norbac_render)
+    extra = sorted(k for k in parts if k != "Deployment")
+    if extra:
+        problems.append(f"serviceAccount.create=false + rbac.create=false still renders {extra}")
+    run_as = parts["Deployment"][0]["spec"]["template"]["spec"].get("serviceAccountName")
+    if run_as != "existing-sa":
+        problems.append(f"with serviceAccount.create=false the Deployment runs as {run_as!r}, want existing-sa")
+    return verdict(problems, "operator.replicas, serviceAccount.{create,name,annotations} and rbac.create render as documented")
 
 
 # ---------------------------------------------------------------- values docs
@@ -851,6 +924,7 @@ def main(argv):
         "operator-scaling": (lambda a: cmd_operator_scaling(a[0], a[1]), 2),
         "skaffold-refs": (lambda a: cmd_skaffold_refs(a[0]), 1),
         "operator-rbac": (lambda a: cmd_operator_rbac(a[0], a[1], a[2]), 3),
+        "operator-knobs": (lambda a: cmd_operator_knobs(a[0], a[1]), 2),
         "dashboard": (lambda a: cmd_dashboard(a[0], a[1], a[2], a[3]), 4),
         "dashboard-configmap": (lambda a: cmd_dashboard_configmap(a[0], a[1], a[2:]), 2),
         "chart-features": (lambda a: cmd_chart_features(a[0], a[1], a[2:]), 2),
