@@ -377,4 +377,13 @@ annotations:
 {{- if and $p.certKey (not $p.secret) }}
 {{- fail "database.tls.certKey/keyKey need database.tls.secret (the Secret holding the files)." }}
 {{- end }}
+{{- if $v.prometheusRule.enabled }}
+{{- $on := 0 }}
+{{- range $name, $a := $v.prometheusRule.alerts }}
+{{- if include "nexus-analytics.alertEnabled" (list $ $name) }}{{ $on = add1 $on }}{{ end }}
+{{- end }}
+{{- if eq (int $on) 0 }}
+{{- fail "prometheusRule.alerts disables every alert: set prometheusRule.enabled=false instead (a rule group needs a rule)." }}
+{{- end }}
+{{- end }}
 {{- end }}
