@@ -91,8 +91,11 @@ def verdict(problems, ok, prefix=""):
 OUR_NAME = "nexus-analytics"
 OUR_COMPONENTS = {"consumer", "migrations", "operator"}
 ALWAYS_ALLOWED_PREFIXES = ("KAFKA_PROPERTY_",)
-# Variables a component reads outside the Settings that `env-vars` lists.
-EXTRA_ALLOWED = {"operator": {"POD_NAME"}}
+# Variables a component reads outside the Settings that `env-vars` lists. PGSSL*: sqlx's
+# PgConnectOptions reads them before the URL's query parameters (sqlx-postgres 0.9
+# src/options/mod.rs, new_without_pgpass); the chart sets them for database.tls.
+PG_TLS_VARS = {"PGSSLROOTCERT", "PGSSLCERT", "PGSSLKEY", "PGSSLMODE"}
+EXTRA_ALLOWED = {"operator": {"POD_NAME"}, "consumer": PG_TLS_VARS, "migrations": PG_TLS_VARS}
 
 
 def load_docs(paths):
@@ -129,7 +132,7 @@ def cmd_env_drift(allowed_file, rendered):
         return 1
     docs = load_docs(rendered)
     maps = {(d["kind"], d["metadata"]["name"]): d for d in docs if d.get("kind") in ("ConfigMap", "Secret")}
-    bad, seen, problems = {}, set(), []
+    bad, seen, problems, external = {}, set(), [], set()
     workloads = 0
     for doc in docs:
         labels = (doc.get("metadata") or {}).get("labels") or {}
@@ -143,10 +146,14 @@ def cmd_env_drift(allowed_file, rendered):
         extra = EXTRA_ALLOWED.get(labels.get("app.kubernetes.io/component"), set())
         for c in (spec.get("initContainers") or []) + (spec.get("containers") or []):
             names = [e["name"] for e in c.get("env") or []]
-            for src in c.get("envFrom") or []:
+            for i, src in enumerate(c.get("envFrom") or []):
                 for kind, key in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):
                     if key in src:
                         ref = maps.get((kind, src[key]["name"]))
+                        if ref is None and (i > 0 or labels.get("app.kubernetes.io/component") == "migrations"):
+                            # extraEnvFrom: the user's own object, not rendered here.
+                            external.add(f"{kind}/{src[key]['name']}")
+                            continue
                         if ref is None:
                             problems.append(f"{where}: envFrom {kind} {src[key]['name']} is not rendered, its keys cannot be checked")
                             continue
@@ -167,7 +174,8 @@ def cmd_env_drift(allowed_file, rendered):
         return 1
     unused = sorted(exact - seen)
     print(f"ok   {len(seen)} variables across {workloads} workloads are all read by the binary"
-          + (f"; binary also reads (not set by the chart): {' '.join(unused)}" if unused else ""))
+          + (f"; binary also reads (not set by the chart): {' '.join(unused)}" if unused else "")
+          + (f"; not checkable (extraEnvFrom, outside the chart): {' '.join(sorted(external))}" if external else ""))
     return 0
 
 
