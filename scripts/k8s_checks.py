@@ -7,7 +7,8 @@
         must be one the binary reads: a line of ALLOWED_FILE (the output of
         `nexus-analytics env-vars`); a line ending in '*' is a prefix, and
         KAFKA_PROPERTY_* (librdkafka pass-through) is always allowed. The
-        operator container may also set POD_NAME (read by src/operator/mod.rs
+        operator container may also set POD_NAME and POD_NAMESPACE (the Lease's
+        namespace, clap's env for --lease-namespace); POD_NAME is read by src/operator/mod.rs
         for its Events, not listed by `env-vars`).
     k8s_checks.py operator-rbac CLUSTER_RENDER.yaml NAMESPACED_RENDER.yaml WATCH_NS
         The operator's RBAC: a ClusterRole + ClusterRoleBinding in the first
@@ -95,7 +96,7 @@ ALWAYS_ALLOWED_PREFIXES = ("KAFKA_PROPERTY_",)
 # PgConnectOptions reads them before the URL's query parameters (sqlx-postgres 0.9
 # src/options/mod.rs, new_without_pgpass); the chart sets them for database.tls.
 PG_TLS_VARS = {"PGSSLROOTCERT", "PGSSLCERT", "PGSSLKEY", "PGSSLMODE"}
-EXTRA_ALLOWED = {"operator": {"POD_NAME"}, "consumer": PG_TLS_VARS, "migrations": PG_TLS_VARS}
+EXTRA_ALLOWED = {"operator": {"POD_NAME", "POD_NAMESPACE"}, "consumer": PG_TLS_VARS, "migrations": PG_TLS_VARS}
 
 
 def load_docs(paths):
