@@ -63,6 +63,14 @@
         ConfigMap keys, Secret keys, secretKeyRefs, the Service and container port
         "api", the NetworkPolicy ingress rule for it, the migration Job's
         partitioning vars.
+    k8s_checks.py api-deployment CHART_VALUES.yaml RENDERED.yaml [VALUES.yaml...]
+        With api.deployment.enabled: the API pods' Deployment runs `api` with
+        API_PORT=api.port (the consumer's ConfigMap says 0), ports api and
+        metrics, readiness on /readyz, api.deployment.resources, the read-only
+        URL (and DATABASE_URL only when there is no chart-Secret read-only URL),
+        the token; its Service, PDB, CPU HPA (or fixed replicas) and
+        NetworkPolicy (no Kafka egress) select exactly the API pods, and no
+        consumer selector matches them. Without it: none of these objects.
     k8s_checks.py binary-config BIN RENDERED.yaml...
         Start `BIN migrate` with the environment of every rendered consumer
         Deployment, migration Job and operator Deployment (which loads the same
@@ -90,7 +98,7 @@ def verdict(problems, ok, prefix=""):
     return 0
 
 OUR_NAME = "nexus-analytics"
-OUR_COMPONENTS = {"consumer", "migrations", "operator"}
+OUR_COMPONENTS = {"consumer", "migrations", "operator", "api"}
 ALWAYS_ALLOWED_PREFIXES = ("KAFKA_PROPERTY_",)
 # Variables a component reads outside the Settings that `env-vars` lists. PGSSL*: sqlx's
 # PgConnectOptions reads them before the URL's query parameters (sqlx-postgres 0.9
@@ -786,9 +794,11 @@ def cmd_chart_features(chart_values, rendered, values_files):
     by = lambda kind: {d["metadata"]["name"]: d for d in docs if d.get("kind") == kind}
     cm = (by("ConfigMap").get(name) or {}).get("data") or {}
     api, part, rules = v["api"], v["partitioning"], v["routing"]["rules"]
+    # The consumer pods serve the API unless it has pods of its own.
+    api_in = api["enabled"] and not api["deployment"]["enabled"]
     days = (v.get("retention") or {}).get("days")
     want_cm = {
-        "API_PORT": str(api["port"]) if api["enabled"] else "0",
+        "API_PORT": str(api["port"]) if api_in else "0",
         "PARTITION_INTERVAL": part["interval"],
         "PARTITIONS_AHEAD": str(part["ahead"]),
         "MAINTENANCE_INTERVAL": str(v["maintenance"]["interval"]),
@@ -813,17 +823,17 @@ def cmd_chart_features(chart_values, rendered, values_files):
     svc_ports = {p["name"]: p for p in svc}
     secret_name = v["existingSecret"] or name
     sk = v["secretKeys"]
-    if api["enabled"]:
+    if api_in:
         if (ports.get("api") or {}).get("containerPort") != api["port"]:
             problems.append(f"container port api {ports.get('api')}, want containerPort {api['port']}")
         if (svc_ports.get("api") or {}).get("port") != api["port"] or svc_ports["api"].get("targetPort") != "api":
             problems.append(f"Service port api {svc_ports.get('api')}, want port {api['port']} -> targetPort api")
     elif "api" in ports or "api" in svc_ports:
-        problems.append("api port rendered although api.enabled is false")
+        problems.append("api port rendered on the consumer although it does not serve the API")
     want_env = {}
-    if api["enabled"] and api["requireToken"]:
+    if api_in and api["requireToken"]:
         want_env["API_TOKEN"] = (sk["apiToken"], False)
-    if api["enabled"] and (v["existingSecret"] or api["databaseUrl"]):
+    if api_in and (v["existingSecret"] or api["databaseUrl"]):
         want_env["API_DATABASE_URL"] = (sk["apiDatabaseUrl"], bool(v["existingSecret"]))
     for n in ("API_TOKEN", "API_DATABASE_URL"):
         got = env.get(n)
@@ -835,22 +845,28 @@ def cmd_chart_features(chart_values, rendered, values_files):
         key, optional = want_env[n]
         if (ref.get("name"), ref.get("key"), bool(ref.get("optional"))) != (secret_name, key, optional):
             problems.append(f"env {n} secretKeyRef {ref}, want {secret_name}/{key} optional={optional}")
+    # What the Secret must hold: the keys of whichever pods serve the API.
+    secret_env = {}
+    if api["enabled"] and api["requireToken"]:
+        secret_env["API_TOKEN"] = sk["apiToken"]
+    if api["enabled"] and api["databaseUrl"]:
+        secret_env["API_DATABASE_URL"] = sk["apiDatabaseUrl"]
     if not v["existingSecret"]:
         data = (by("Secret").get(name) or {}).get("data") or {}
         dec = {k: base64.b64decode(x).decode() for k, x in data.items()}
-        if "API_TOKEN" in want_env and dec.get(sk["apiToken"]) != api["token"]:
+        if "API_TOKEN" in secret_env and dec.get(sk["apiToken"]) != api["token"]:
             problems.append(f"Secret {sk['apiToken']} is not api.token")
-        if "API_DATABASE_URL" in want_env and dec.get(sk["apiDatabaseUrl"]) != api["databaseUrl"]:
+        if "API_DATABASE_URL" in secret_env and dec.get(sk["apiDatabaseUrl"]) != api["databaseUrl"]:
             problems.append(f"Secret {sk['apiDatabaseUrl']} is not api.databaseUrl")
         for k in (sk["apiToken"], sk["apiDatabaseUrl"]):
-            if k in dec and k not in {sk[{"API_TOKEN": "apiToken", "API_DATABASE_URL": "apiDatabaseUrl"}[n]] for n in want_env}:
+            if k in dec and k not in secret_env.values():
                 problems.append(f"Secret holds {k} although it is not used")
     np = by("NetworkPolicy").get(name)
     if np:
         api_rules = [r for r in np["spec"].get("ingress") or [] if any(p.get("port") == "api" for p in r.get("ports") or [])]
-        if not api["enabled"] and api_rules:
-            problems.append("NetworkPolicy admits the api port although api.enabled is false")
-        if api["enabled"]:
+        if not api_in and api_rules:
+            problems.append("NetworkPolicy admits the api port of consumer pods that do not serve it")
+        if api_in:
             want_from = v["networkPolicy"]["apiFrom"] or None
             if len(api_rules) != 1 or api_rules[0].get("from") != want_from:
                 problems.append(f"NetworkPolicy api ingress {api_rules}, want one rule from {want_from}")
@@ -863,10 +879,117 @@ def cmd_chart_features(chart_values, rendered, values_files):
         for p in problems:
             print(f"FAIL {p}")
         return 1
-    print(f"ok   api={'on:' + str(api['port']) if api['enabled'] else 'off'}, partitions {part['interval']}+{part['ahead']}, "
+    where = "own pods" if api["enabled"] and not api_in else "consumer"
+    print(f"ok   api={'on:' + str(api['port']) + ' (' + where + ')' if api['enabled'] else 'off'}, partitions {part['interval']}+{part['ahead']}, "
           f"retention {days}, maintenance {v['maintenance']['interval']}, {len(rules)} routing rules; "
           f"{'NetworkPolicy checked, ' if np else ''}{len(jobs)} migration Job(s)")
     return 0
+
+
+def cmd_api_deployment(chart_values, rendered, values_files):
+    with open(chart_values) as fh:
+        v = yaml.safe_load(fh)
+    for f in values_files:
+        with open(f) as fh:
+            v = deep_merge(v, yaml.safe_load(fh) or {})
+    docs = load_docs([rendered])
+    comp = lambda d: ((d.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/component")
+    api_objs = [d for d in docs if comp(d) == "api"]
+    api, d = v["api"], v["api"]["deployment"]
+    if not (v["consumer"]["enabled"] and api["enabled"] and d["enabled"]):
+        return verdict([f"{o['kind']}/{o['metadata']['name']} rendered without api.deployment.enabled" for o in api_objs],
+                       "no API pods in this combination")
+    problems = []
+    by_kind = {}
+    for o in api_objs:
+        by_kind.setdefault(o["kind"], []).append(o)
+    want_kinds = {"Deployment", "Service"}
+    if d["podDisruptionBudget"]["enabled"]:
+        want_kinds.add("PodDisruptionBudget")
+    if d["autoscaling"]["enabled"]:
+        want_kinds.add("HorizontalPodAutoscaler")
+    if v["networkPolicy"]["enabled"]:
+        want_kinds.add("NetworkPolicy")
+    if set(by_kind) != want_kinds or any(len(x) != 1 for x in by_kind.values()):
+        problems.append(f"API objects {sorted((k, len(x)) for k, x in by_kind.items())}, want one each of {sorted(want_kinds)}")
+        return verdict(problems, "")
+    dep = by_kind["Deployment"][0]
+    name = dep["metadata"]["name"]
+    pod = dep["spec"]["template"]
+    pod_labels = pod["metadata"]["labels"]
+    sel = dep["spec"]["selector"]["matchLabels"]
+    matches = lambda selector, labels: all(labels.get(k) == x for k, x in (selector or {}).items())
+    if not matches(sel, pod_labels):
+        problems.append(f"Deployment selector {sel} does not match its pods {pod_labels}")
+    c = pod["spec"]["containers"][0]
+    if c.get("args") != ["api"]:
+        problems.append(f"container args {c.get('args')}, want ['api']")
+    ports = {p["name"]: p["containerPort"] for p in c.get("ports") or []}
+    if ports != {"api": api["port"], "metrics": v["config"]["metricsPort"]}:
+        problems.append(f"container ports {ports}")
+    env = {e["name"]: e for e in c.get("env") or []}
+    if (env.get("API_PORT") or {}).get("value") != str(api["port"]):
+        problems.append(f"env API_PORT {env.get('API_PORT')}, want {api['port']}")
+    ro_in_chart_secret = bool(api["databaseUrl"]) and not v["existingSecret"]
+    if ro_in_chart_secret == ("DATABASE_URL" in env):
+        problems.append("DATABASE_URL " + ("given although the read-only URL is in the chart Secret"
+                                           if ro_in_chart_secret else "missing (no read-only URL of its own)"))
+    if bool(v["existingSecret"] or api["databaseUrl"]) != ("API_DATABASE_URL" in env):
+        problems.append(f"env API_DATABASE_URL present={'API_DATABASE_URL' in env}")
+    if api["requireToken"] != ("API_TOKEN" in env):
+        problems.append(f"env API_TOKEN present={'API_TOKEN' in env}, api.requireToken={api['requireToken']}")
+    if (c.get("readinessProbe") or {}).get("httpGet", {}).get("path") != "/readyz":
+        problems.append("readiness probe is not /readyz")
+    if c.get("resources") != d["resources"]:
+        problems.append(f"resources {c.get('resources')}, want {d['resources']}")
+    if d["autoscaling"]["enabled"]:
+        if "replicas" in dep["spec"]:
+            problems.append("replicas set although the HPA owns them")
+        hpa = by_kind["HorizontalPodAutoscaler"][0]["spec"]
+        a = d["autoscaling"]
+        metric = (hpa.get("metrics") or [{}])[0]
+        if (hpa["scaleTargetRef"]["name"], hpa["minReplicas"], hpa["maxReplicas"]) != (name, a["minReplicas"], a["maxReplicas"]) \
+                or metric.get("resource", {}).get("name") != "cpu" \
+                or metric["resource"]["target"].get("averageUtilization") != a["targetCPUUtilizationPercentage"]:
+            problems.append(f"HPA {hpa}")
+    elif dep["spec"].get("replicas") != d["replicaCount"]:
+        problems.append(f"replicas {dep['spec'].get('replicas')}, want {d['replicaCount']}")
+    svc = by_kind["Service"][0]["spec"]
+    if not matches(svc["selector"], pod_labels) or svc["selector"] != sel:
+        problems.append(f"Service selector {svc['selector']} is not the API pods' selector")
+    if {p["name"]: (p["port"], p["targetPort"]) for p in svc["ports"]} != {"api": (api["port"], "api"), "metrics": (v["service"]["port"], "metrics")}:
+        problems.append(f"Service ports {svc['ports']}")
+    if "PodDisruptionBudget" in by_kind:
+        pdb = by_kind["PodDisruptionBudget"][0]["spec"]
+        if pdb["selector"]["matchLabels"] != sel or pdb["maxUnavailable"] != d["podDisruptionBudget"]["maxUnavailable"]:
+            problems.append(f"PDB {pdb}")
+    if "NetworkPolicy" in by_kind:
+        np = by_kind["NetworkPolicy"][0]["spec"]
+        if np["podSelector"]["matchLabels"] != sel:
+            problems.append(f"NetworkPolicy selects {np['podSelector']}")
+        ing = {tuple(p["port"] for p in r["ports"]): r.get("from") for r in np.get("ingress") or []}
+        if ing != {("api",): v["networkPolicy"]["apiFrom"] or None, ("metrics",): v["networkPolicy"]["metricsFrom"] or None}:
+            problems.append(f"NetworkPolicy ingress {ing}")
+        egress_ports = {p["port"] for r in np.get("egress") or [] for p in r.get("ports") or []}
+        if egress_ports & set(v["networkPolicy"]["kafkaPorts"]) - set(v["networkPolicy"]["postgresPorts"]):
+            problems.append(f"NetworkPolicy lets the API pods reach Kafka ports {sorted(egress_ports)}")
+    # The consumer does not serve the API and no consumer object selects the API pods.
+    for o in docs:
+        if comp(o) == "api" or o.get("kind") not in ("Service", "PodDisruptionBudget", "NetworkPolicy", "Deployment"):
+            continue
+        spec = o.get("spec") or {}
+        s2 = spec.get("selector") if o["kind"] == "Service" else (spec.get("selector") or spec.get("podSelector") or {}).get("matchLabels")
+        if s2 and matches(s2, pod_labels):
+            problems.append(f"{o['kind']}/{o['metadata']['name']} also selects the API pods")
+    cm = next((o for o in docs if o.get("kind") == "ConfigMap" and o["metadata"]["name"] == pod["spec"]["containers"][0]["envFrom"][0]["configMapRef"]["name"]), None)
+    if not cm or cm["data"].get("API_PORT") != "0":
+        problems.append("the consumer's ConfigMap does not turn its API off (API_PORT=0)")
+    for k, want in (("API_MAX_PAGE_BYTES", api["maxPageBytes"]), ("API_MAX_CONCURRENT_REQUESTS", api["maxConcurrentRequests"])):
+        if (cm or {}).get("data", {}).get(k) != str(want):
+            problems.append(f"ConfigMap {k}={(cm or {}).get('data', {}).get(k)!r}, want {want}")
+    return verdict(problems, f"API pods {name}: args [api], API_PORT={api['port']}, "
+                             f"{'HPA on CPU' if d['autoscaling']['enabled'] else str(d['replicaCount']) + ' replicas'}, "
+                             f"{sorted(want_kinds)}; consumer API_PORT=0; no consumer selector matches them")
 
 
 def cmd_binary_config(binary, rendered):
@@ -881,7 +1004,7 @@ def cmd_binary_config(binary, rendered):
         maps = {(d["kind"], d["metadata"]["name"]): d for d in docs if d.get("kind") in ("ConfigMap", "Secret")}
         deps, jobs = _consumer_parts(docs)
         ops = [d for d in docs if d.get("kind") == "Deployment"
-               and ((d.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/component") == "operator"]
+               and ((d.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/component") in ("operator", "api")]
         for w in deps + jobs + ops:
             c = w["spec"]["template"]["spec"]["containers"][0]
             env = {}
@@ -938,6 +1061,7 @@ def main(argv):
         "dashboard-configmap": (lambda a: cmd_dashboard_configmap(a[0], a[1], a[2:]), 2),
         "chart-features": (lambda a: cmd_chart_features(a[0], a[1], a[2:]), 2),
         "binary-config": (lambda a: cmd_binary_config(a[0], a[1:]), 2),
+        "api-deployment": (lambda a: cmd_api_deployment(a[0], a[1], a[2:]), 2),
     }
     if not argv or argv[0] not in cmds or len(argv) - 1 < cmds[argv[0]][1]:
         print(__doc__, file=sys.stderr)

@@ -30,6 +30,10 @@ pub struct Cli {
 pub enum Command {
     /// Run the service: consume, store, serve /metrics /health /livez /readyz.
     Run,
+    /// Serve only the query API on API_PORT (no consumer, no Kafka), with /metrics /livez
+    /// /readyz /health on METRICS_PORT (ready when the database answers). Reads with
+    /// API_DATABASE_URL, else DATABASE_URL.
+    Api,
     /// Apply the database migrations and exit (idempotent).
     Migrate,
     /// Produce realistic demo or load events to Kafka.
@@ -152,6 +156,9 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
     if matches!(command, Command::Run | Command::Migrate) {
         settings.database_url().map_err(ConfigFailure)?;
     }
+    if matches!(command, Command::Api) {
+        settings.api_database_url().map_err(ConfigFailure)?;
+    }
     let _tracing = telemetry::init_tracing(&settings);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -160,6 +167,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     match command {
         Command::Run => runtime.block_on(startup::run(settings)),
+        Command::Api => runtime.block_on(startup::run_api(settings)),
         Command::Migrate => runtime.block_on(startup::migrate(&settings)),
         Command::Produce { count, rate, topic, invalid_percent, users, seed } => {
             let topic = topic.unwrap_or_else(|| {

@@ -41,6 +41,51 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: consumer
 {{- end }}
 
+{{/* ------------------------------------------------------------ query API */}}
+
+{{/* "true" when the consumer pods serve the query API (api.enabled without api.deployment.enabled). */}}
+{{- define "nexus-analytics.apiInConsumer" -}}
+{{- if and .Values.api.enabled (not .Values.api.deployment.enabled) }}true{{ end }}
+{{- end }}
+
+{{/* "true" when the query API runs in its own pods (`nexus-analytics api`). */}}
+{{- define "nexus-analytics.apiPods" -}}
+{{- if and .Values.consumer.enabled .Values.api.enabled .Values.api.deployment.enabled }}true{{ end }}
+{{- end }}
+
+{{- define "nexus-analytics.apiName" -}}
+{{- printf "%s-api" (include "nexus-analytics.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Selector labels of the API pods (component "api": never matched by the consumer's selectors). */}}
+{{- define "nexus-analytics.apiSelectorLabels" -}}
+{{ include "nexus-analytics.baseSelectorLabels" . }}
+app.kubernetes.io/component: api
+{{- end }}
+
+{{/* API_TOKEN and API_DATABASE_URL from the Secret, for whichever pods serve the API. */}}
+{{- define "nexus-analytics.apiSecretEnv" -}}
+{{- $v := .Values }}
+{{- if $v.api.requireToken }}
+- name: API_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "nexus-analytics.secretName" . }}
+      key: {{ $v.secretKeys.apiToken }}
+{{- end }}
+{{- if or $v.existingSecret $v.api.databaseUrl }}
+- name: API_DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "nexus-analytics.secretName" . }}
+      key: {{ $v.secretKeys.apiDatabaseUrl }}
+      {{- if $v.existingSecret }}
+      # Without this key the API reads with DATABASE_URL.
+      optional: true
+      {{- end }}
+{{- end }}
+{{- end }}
+
 {{- define "nexus-analytics.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "nexus-analytics.fullname" .) .Values.serviceAccount.name }}
@@ -117,6 +162,12 @@ one clear message per problem.
 {{- if and $v.api.requireToken (not $v.existingSecret) (not $v.api.token) }}
 {{- fail "api.enabled with api.requireToken needs api.token (or existingSecret holding secretKeys.apiToken); set api.requireToken=false to serve the API without authentication." }}
 {{- end }}
+{{- end }}
+{{- if and $v.api.deployment.enabled (not $v.api.enabled) }}
+{{- fail "api.deployment.enabled needs api.enabled (the API pods serve the query API)." }}
+{{- end }}
+{{- if and $v.api.deployment.autoscaling.enabled (gt (int $v.api.deployment.autoscaling.minReplicas) (int $v.api.deployment.autoscaling.maxReplicas)) }}
+{{- fail (printf "api.deployment.autoscaling.minReplicas (%d) exceeds api.deployment.autoscaling.maxReplicas (%d)." (int $v.api.deployment.autoscaling.minReplicas) (int $v.api.deployment.autoscaling.maxReplicas)) }}
 {{- end }}
 {{- if and $v.api.token (not $v.api.requireToken) }}
 {{- fail "api.token is set but api.requireToken is false: the token would not be used." }}
