@@ -7,13 +7,20 @@
         must be one the binary reads: a line of ALLOWED_FILE (the output of
         `nexus-analytics env-vars`); a line ending in '*' is a prefix, and
         KAFKA_PROPERTY_* (librdkafka pass-through) is always allowed. The
-        operator container may also set POD_NAME (read by src/operator/mod.rs
+        operator container may also set POD_NAME and POD_NAMESPACE (the Lease's
+        namespace, clap's env for --lease-namespace); POD_NAME is read by src/operator/mod.rs
         for its Events, not listed by `env-vars`).
     k8s_checks.py operator-rbac CLUSTER_RENDER.yaml NAMESPACED_RENDER.yaml WATCH_NS
         The operator's RBAC: a ClusterRole + ClusterRoleBinding in the first
         render, a Role + RoleBinding in WATCH_NS in the second, with the same
         rules, no wildcard, bound to the operator Deployment's ServiceAccount,
         and `--namespace WATCH_NS` exactly when namespaced.
+    k8s_checks.py operator-knobs SA_RENDER.yaml NO_RBAC_RENDER.yaml
+        operator.replicas=3 with serviceAccount.name=pipelines-operator (+ an
+        annotation) in the first render: 3 replicas, that ServiceAccount created,
+        annotated, run by the Deployment and bound by every operator binding; the
+        second (serviceAccount.create=false, name existing-sa, rbac.create=false):
+        no operator ServiceAccount, Role, ClusterRole or binding, run as existing-sa.
     k8s_checks.py values-table VALUES.yaml
         Print the README table of every value documented with a '# --' comment.
     k8s_checks.py values-doc VALUES.yaml README.md
@@ -93,8 +100,11 @@ def verdict(problems, ok, prefix=""):
 OUR_NAME = "nexus-analytics"
 OUR_COMPONENTS = {"consumer", "migrations", "operator", "api"}
 ALWAYS_ALLOWED_PREFIXES = ("KAFKA_PROPERTY_",)
-# Variables a component reads outside the Settings that `env-vars` lists.
-EXTRA_ALLOWED = {"operator": {"POD_NAME"}}
+# Variables a component reads outside the Settings that `env-vars` lists. PGSSL*: sqlx's
+# PgConnectOptions reads them before the URL's query parameters (sqlx-postgres 0.9
+# src/options/mod.rs, new_without_pgpass); the chart sets them for database.tls.
+PG_TLS_VARS = {"PGSSLROOTCERT", "PGSSLCERT", "PGSSLKEY", "PGSSLMODE"}
+EXTRA_ALLOWED = {"operator": {"POD_NAME", "POD_NAMESPACE"}, "consumer": PG_TLS_VARS, "migrations": PG_TLS_VARS}
 
 
 def load_docs(paths):
@@ -131,7 +141,7 @@ def cmd_env_drift(allowed_file, rendered):
         return 1
     docs = load_docs(rendered)
     maps = {(d["kind"], d["metadata"]["name"]): d for d in docs if d.get("kind") in ("ConfigMap", "Secret")}
-    bad, seen, problems = {}, set(), []
+    bad, seen, problems, external = {}, set(), [], set()
     workloads = 0
     for doc in docs:
         labels = (doc.get("metadata") or {}).get("labels") or {}
@@ -145,10 +155,14 @@ def cmd_env_drift(allowed_file, rendered):
         extra = EXTRA_ALLOWED.get(labels.get("app.kubernetes.io/component"), set())
         for c in (spec.get("initContainers") or []) + (spec.get("containers") or []):
             names = [e["name"] for e in c.get("env") or []]
-            for src in c.get("envFrom") or []:
+            for i, src in enumerate(c.get("envFrom") or []):
                 for kind, key in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):
                     if key in src:
                         ref = maps.get((kind, src[key]["name"]))
+                        if ref is None and (i > 0 or labels.get("app.kubernetes.io/component") == "migrations"):
+                            # extraEnvFrom: the user's own object, not rendered here.
+                            external.add(f"{kind}/{src[key]['name']}")
+                            continue
                         if ref is None:
                             problems.append(f"{where}: envFrom {kind} {src[key]['name']} is not rendered, its keys cannot be checked")
                             continue
@@ -169,20 +183,50 @@ def cmd_env_drift(allowed_file, rendered):
         return 1
     unused = sorted(exact - seen)
     print(f"ok   {len(seen)} variables across {workloads} workloads are all read by the binary"
-          + (f"; binary also reads (not set by the chart): {' '.join(unused)}" if unused else ""))
+          + (f"; binary also reads (not set by the chart): {' '.join(unused)}" if unused else "")
+          + (f"; not checkable (extraEnvFrom, outside the chart): {' '.join(sorted(external))}" if external else ""))
     return 0
 
 
 # ---------------------------------------------------------------- operator RBAC
 
 def _operator_parts(path):
+    """Operator objects by kind; the leader-election Role/RoleBinding (`*-lease`) under
+    "LeaseRole"/"LeaseRoleBinding"."""
     docs = load_docs([path])
     comp = lambda d: ((d.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/component")
     ops = [d for d in docs if comp(d) == "operator"]
     by_kind = {}
     for d in ops:
-        by_kind.setdefault(d["kind"], []).append(d)
+        kind = d["kind"]
+        if kind in ("Role", "RoleBinding") and d["metadata"]["name"].endswith("-lease"):
+            kind = "Lease" + kind
+        by_kind.setdefault(kind, []).append(d)
     return by_kind
+
+
+def _lease_problems(where, parts, sa, args):
+    """The Lease Role: only create, and get/patch of the one Lease the operator is told to use,
+    in the ServiceAccount's namespace, bound to it."""
+    problems = []
+    role, binding = parts["LeaseRole"][0], parts["LeaseRoleBinding"][0]
+    lease = args[args.index("--lease-name") + 1] if "--lease-name" in args else None
+    want = _norm_rules([
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "patch"],
+         "resourceNames": [lease]},
+    ])
+    if _norm_rules(role.get("rules") or []) != want:
+        problems.append(f"{where}: lease Role rules {role.get('rules')}, want create + get/patch of {lease!r}")
+    for obj in (role, binding):
+        if obj["metadata"].get("namespace") != sa["metadata"]["namespace"]:
+            problems.append(f"{where}: {obj['metadata']['name']} not in the operator's namespace")
+    subj = {(x["kind"], x["name"], x.get("namespace")) for x in binding.get("subjects") or []}
+    if subj != {("ServiceAccount", sa["metadata"]["name"], sa["metadata"]["namespace"])}:
+        problems.append(f"{where}: lease RoleBinding subjects {subj}")
+    if binding["roleRef"]["name"] != role["metadata"]["name"]:
+        problems.append(f"{where}: lease RoleBinding refers to {binding['roleRef']['name']}")
+    return problems
 
 
 def _norm_rules(rules):
@@ -204,7 +248,8 @@ def cmd_operator_rbac(cluster_render, ns_render, watch_ns):
         parts = _operator_parts(path)
         where = path.rsplit("/", 1)[-1]
         kinds = {k: len(v) for k, v in parts.items()}
-        want = {"ServiceAccount": 1, "Deployment": 1, role_kind: 1, binding_kind: 1}
+        want = {"ServiceAccount": 1, "Deployment": 1, role_kind: 1, binding_kind: 1,
+                "LeaseRole": 1, "LeaseRoleBinding": 1}
         if kinds != want:
             problems.append(f"{where}: operator objects {kinds}, want {want}")
             continue
@@ -231,11 +276,18 @@ def cmd_operator_rbac(cluster_render, ns_render, watch_ns):
         pod = spec["template"]["spec"]
         if pod.get("serviceAccountName") != sa["metadata"]["name"]:
             problems.append(f"{where}: operator Deployment runs as {pod.get('serviceAccountName')!r}")
-        if spec.get("replicas") != 1 or (spec.get("strategy") or {}).get("type") != "Recreate":
-            problems.append(f"{where}: operator Deployment must have 1 replica and Recreate (no leader election)")
         args = pod["containers"][0].get("args") or []
         if args[:3] != ["operator", "--port", "8080"]:
             problems.append(f"{where}: operator args {args}")
+        # Replicas beyond one are standbys: only the Lease holder reconciles.
+        if "--leader-elect" not in args or "--lease-name" not in args:
+            problems.append(f"{where}: operator args {args} lack --leader-elect/--lease-name")
+        if (spec.get("strategy") or {}).get("type") != "RollingUpdate":
+            problems.append(f"{where}: operator Deployment strategy {spec.get('strategy')}, want RollingUpdate")
+        env = {e["name"]: e for e in pod["containers"][0].get("env") or []}
+        if (env.get("POD_NAMESPACE", {}).get("valueFrom") or {}).get("fieldRef", {}).get("fieldPath") != "metadata.namespace":
+            problems.append(f"{where}: operator container lacks POD_NAMESPACE from metadata.namespace")
+        problems += _lease_problems(where, parts, sa, args)
         if ns:
             has_ns = "--namespace" in args and args[args.index("--namespace") + 1] == ns
         else:
@@ -245,7 +297,37 @@ def cmd_operator_rbac(cluster_render, ns_render, watch_ns):
     if len(rules) == 2 and rules["ClusterRole"] != rules["Role"]:
         problems.append("ClusterRole and Role rules differ")
     n = len(rules.get("Role", []))
-    return verdict(problems, f"{n} rules, identical in the ClusterRole and the Role in {watch_ns}, no wildcard, bound to the operator's ServiceAccount")
+    return verdict(problems, f"{n} rules, identical in the ClusterRole and the Role in {watch_ns}, no wildcard, bound to the operator's ServiceAccount; leader election on by default with a Lease Role for that one Lease")
+
+
+def cmd_operator_knobs(sa_render, norbac_render):
+    problems = []
+    parts = _operator_parts(sa_render)
+    dep = parts["Deployment"][0]
+    if dep["spec"].get("replicas") != 3:
+        problems.append(f"operator.replicas=3 rendered replicas {dep['spec'].get('replicas')}")
+    sas = parts.get("ServiceAccount") or []
+    if [s["metadata"]["name"] for s in sas] != ["pipelines-operator"]:
+        problems.append(f"ServiceAccounts {[s['metadata']['name'] for s in sas]}, want pipelines-operator")
+    elif (sas[0]["metadata"].get("annotations") or {}).get("team") != "analytics":
+        problems.append("operator.serviceAccount.annotations not on the ServiceAccount")
+    if dep["spec"]["template"]["spec"].get("serviceAccountName") != "pipelines-operator":
+        problems.append("the Deployment does not run as operator.serviceAccount.name")
+    bindings = (parts.get("ClusterRoleBinding") or []) + (parts.get("LeaseRoleBinding") or [])
+    if len(bindings) != 2:
+        problems.append(f"{len(bindings)} operator bindings, want the ClusterRoleBinding and the lease RoleBinding")
+    for b in bindings:
+        names = {x["name"] for x in b.get("subjects") or []}
+        if names != {"pipelines-operator"}:
+            problems.append(f"{b['kind']}/{b['metadata']['name']} binds {names}")
+    parts = _operator_parts(norbac_render)
+    extra = sorted(k for k in parts if k != "Deployment")
+    if extra:
+        problems.append(f"serviceAccount.create=false + rbac.create=false still renders {extra}")
+    run_as = parts["Deployment"][0]["spec"]["template"]["spec"].get("serviceAccountName")
+    if run_as != "existing-sa":
+        problems.append(f"with serviceAccount.create=false the Deployment runs as {run_as!r}, want existing-sa")
+    return verdict(problems, "operator.replicas, serviceAccount.{create,name,annotations} and rbac.create render as documented")
 
 
 # ---------------------------------------------------------------- values docs
@@ -974,6 +1056,7 @@ def main(argv):
         "operator-scaling": (lambda a: cmd_operator_scaling(a[0], a[1]), 2),
         "skaffold-refs": (lambda a: cmd_skaffold_refs(a[0]), 1),
         "operator-rbac": (lambda a: cmd_operator_rbac(a[0], a[1], a[2]), 3),
+        "operator-knobs": (lambda a: cmd_operator_knobs(a[0], a[1]), 2),
         "dashboard": (lambda a: cmd_dashboard(a[0], a[1], a[2], a[3]), 4),
         "dashboard-configmap": (lambda a: cmd_dashboard_configmap(a[0], a[1], a[2:]), 2),
         "chart-features": (lambda a: cmd_chart_features(a[0], a[1], a[2:]), 2),
