@@ -62,10 +62,12 @@ CERT_DIRS = {
     "postgres-tls": "/etc/nexus-analytics/postgres-tls",
 }
 ALERTS = ["NexusAnalyticsConsumerLagGrowing", "NexusAnalyticsHighErrorRate", "NexusAnalyticsDeadLetters",
-          "NexusAnalyticsNotReady", "NexusAnalyticsNoConsumption", "NexusAnalyticsRebalanceStorm"]
+          "NexusAnalyticsNotReady", "NexusAnalyticsNoConsumption", "NexusAnalyticsRebalanceStorm",
+          "NexusAnalyticsDeadLetterTopicUnwritable", "NexusAnalyticsConsumeErrors"]
 SEVERITY = {"NexusAnalyticsConsumerLagGrowing": "warning", "NexusAnalyticsHighErrorRate": "critical",
             "NexusAnalyticsDeadLetters": "warning", "NexusAnalyticsNotReady": "critical",
-            "NexusAnalyticsNoConsumption": "critical", "NexusAnalyticsRebalanceStorm": "warning"}
+            "NexusAnalyticsNoConsumption": "critical", "NexusAnalyticsRebalanceStorm": "warning",
+            "NexusAnalyticsDeadLetterTopicUnwritable": "critical", "NexusAnalyticsConsumeErrors": "critical"}
 
 
 # ---------------------------------------------------------------- values

@@ -38,6 +38,7 @@ pub const ENV_VARS: &[&str] = &[
     "FETCH_BUFFER_KBYTES",
     "SHUTDOWN_TIMEOUT_SECS",
     "LIVENESS_STALL_SECS",
+    "GROUP_UNSTEADY_LIVENESS_SECS",
     "LAG_REFRESH_SECS",
     "LOG_FORMAT",
     "LOG_LEVEL",
@@ -193,6 +194,9 @@ pub struct Settings {
     pub shutdown_timeout_secs: u64,
     /// `/livez` fails when the consume loop has not turned for this long.
     pub liveness_stall_secs: u64,
+    /// `/livez` fails when a broker answers but the member has not been in a steady group
+    /// (joined, assignment received) for this long: a restart rejoins from scratch.
+    pub group_unsteady_liveness_secs: u64,
     /// How often consumer lag is recomputed.
     pub lag_refresh_secs: u64,
     /// `text` or `json`.
@@ -246,6 +250,7 @@ impl Default for Settings {
             fetch_buffer_kbytes: 16 * 1024,
             shutdown_timeout_secs: 20,
             liveness_stall_secs: 60,
+            group_unsteady_liveness_secs: 300,
             lag_refresh_secs: 5,
             log_format: LogFormat::Text,
             log_level: "info".into(),
@@ -368,6 +373,7 @@ impl Settings {
             ("MAX_EVENT_BYTES", self.max_event_bytes as u64),
             ("FETCH_BUFFER_KBYTES", self.fetch_buffer_kbytes as u64),
             ("LIVENESS_STALL_SECS", self.liveness_stall_secs),
+            ("GROUP_UNSTEADY_LIVENESS_SECS", self.group_unsteady_liveness_secs),
             ("LAG_REFRESH_SECS", self.lag_refresh_secs),
         ];
         for (name, value) in positive {
@@ -385,6 +391,15 @@ impl Settings {
             return Err(invalid(
                 "LIVENESS_STALL_SECS",
                 "must exceed DATABASE_WRITE_TIMEOUT_SECS, or a slow write would restart the pod",
+            ));
+        }
+        // The delivery contract: records of aborted transactions are never stored.
+        if let Some(level) = self.kafka_properties.get("isolation.level")
+            && level.expose() != "read_committed"
+        {
+            return Err(invalid(
+                "KAFKA_PROPERTY_ISOLATION_LEVEL",
+                "must be read_committed (records of aborted transactions must never be stored)",
             ));
         }
         for key in self.kafka_properties.keys() {
@@ -657,6 +672,19 @@ mod tests {
             let s = Settings::from_figment(Settings::figment()).map_err(|e| e.to_string())?;
             assert_eq!(s.api_max_page_bytes, 4 * 1024 * 1024);
             assert_eq!(s.api_max_concurrent_requests, 8);
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn read_uncommitted_is_refused() {
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            jail.set_env("KAFKA_PROPERTY_ISOLATION_LEVEL", "read_uncommitted");
+            let err = Settings::from_figment(Settings::figment()).unwrap_err().to_string();
+            assert!(err.starts_with("invalid setting KAFKA_PROPERTY_ISOLATION_LEVEL"), "{err}");
+            jail.set_env("KAFKA_PROPERTY_ISOLATION_LEVEL", "read_committed");
+            Settings::from_figment(Settings::figment()).map_err(|e| e.to_string())?;
             Ok(())
         });
     }

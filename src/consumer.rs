@@ -22,7 +22,7 @@ use crate::batch::Backoff;
 use crate::config::Settings;
 use crate::health::{LagMap, Status};
 use crate::lag;
-use crate::pipeline::Pipeline;
+use crate::pipeline::{FlushError, Pipeline};
 
 /// Longest the loop blocks in `poll` when idle, which bounds how quickly it notices shutdown.
 const IDLE_POLL: Duration = Duration::from_millis(200);
@@ -30,6 +30,31 @@ const IDLE_POLL: Duration = Duration::from_millis(200);
 const WATERMARK_TIMEOUT: Duration = Duration::from_millis(500);
 /// How long a revocation waits for an unavailable database before giving the partitions up.
 const REVOKE_FLUSH_BUDGET: Duration = Duration::from_secs(10);
+/// A consume error that repeats (a stuck partition errors on every fetch retry) is logged at
+/// most this often, with the number of repeats.
+const CONSUME_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// The `reason` label of `analytics_consume_errors_total`: the librdkafka error code in
+/// snake_case (`not_implemented`, `bad_compression`, `unknown_topic_or_partition`, ...), a
+/// bounded set. Pure.
+pub fn consume_error_reason(error: &KafkaError) -> String {
+    let code = match error {
+        KafkaError::MessageConsumption(code) | KafkaError::MessageConsumptionFatal(code) => code,
+        _ => return "other".into(),
+    };
+    let mut out = String::new();
+    for (i, c) in format!("{code:?}").chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else if c.is_ascii_alphanumeric() {
+            out.push(c);
+        }
+    }
+    out
+}
 
 /// Client settings shared by every Kafka client of the service: brokers and pass-through
 /// properties (TLS, SASL, tuning).
@@ -56,6 +81,9 @@ pub struct PipelineContext {
     /// High watermarks listed from the brokers while fetching is paused: statistics only learn
     /// them from fetch responses, so without these the lag would freeze during an outage.
     listed_high: Mutex<HashMap<(String, i32), i64>>,
+    /// `/livez` fails after this long outside a steady group; logged once per episode.
+    group_unsteady_limit: Duration,
+    unsteady_reported: AtomicBool,
 }
 
 impl PipelineContext {
@@ -103,6 +131,27 @@ impl ClientContext for PipelineContext {
             ),
             None => (false, "no group".into()),
         };
+        self.status().observe_group(brokers_up > 0, joined, &group_state);
+        match self.status().unsteady_for() {
+            Some(d) if d >= self.group_unsteady_limit => {
+                if !self.unsteady_reported.swap(true, Ordering::Relaxed) {
+                    error!(
+                        group_state = %group_state,
+                        unsteady_secs = d.as_secs(),
+                        limit_secs = self.group_unsteady_limit.as_secs(),
+                        assigned = self.status().assigned_partitions(),
+                        "a broker answers but this member has not been in a steady consumer group \
+                         for GROUP_UNSTEADY_LIVENESS_SECS: /livez fails so that the pod is restarted"
+                    );
+                }
+            }
+            Some(_) => {}
+            None => {
+                if self.unsteady_reported.swap(false, Ordering::Relaxed) {
+                    info!(group_state = %group_state, "back in a steady consumer group");
+                }
+            }
+        }
         let up = brokers_up > 0 && joined;
         let detail = format!(
             "{brokers_up} broker(s) up, group {group_state}, {} partition(s) assigned",
@@ -190,6 +239,10 @@ pub fn create_consumer(
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
         .set("enable.partition.eof", "false")
+        // librdkafka's default, stated because the delivery contract depends on it: records
+        // of aborted transactions are never returned, and the consumer does not read past
+        // the last stable offset (an open transaction). Validation refuses any other value.
+        .set("isolation.level", "read_committed")
         .set("session.timeout.ms", settings.kafka_session_timeout_ms.to_string())
         .set("heartbeat.interval.ms", (settings.kafka_session_timeout_ms / 3).max(100).to_string())
         .set("statistics.interval.ms", "1000")
@@ -206,6 +259,8 @@ pub fn create_consumer(
         lag_published: Mutex::new(None),
         lag_refresh: Duration::from_secs(settings.lag_refresh_secs),
         listed_high: Mutex::new(HashMap::new()),
+        group_unsteady_limit: Duration::from_secs(settings.group_unsteady_liveness_secs),
+        unsteady_reported: AtomicBool::new(false),
     };
     let consumer: PipelineConsumer = config.create_with_context(context)?;
     consumer.subscribe(&settings.topics())?;
@@ -254,6 +309,9 @@ pub fn consume(consumer: &PipelineConsumer, shutdown: &AtomicBool, drain_budget:
     // While paused: when the high watermarks were last listed.
     let mut watermarks_at: Option<Instant> = None;
     let lag_refresh = consumer.context().lag_refresh;
+    // Consume errors since the last log line about them, and when that was.
+    let mut consume_errors_unlogged = 0u64;
+    let mut consume_error_logged_at: Option<Instant> = None;
     while !shutdown.load(Ordering::Relaxed) {
         status.beat();
         if retry_at.is_some() && watermarks_at.is_none_or(|t| t.elapsed() >= lag_refresh) {
@@ -268,8 +326,26 @@ pub fn consume(consumer: &PipelineConsumer, shutdown: &AtomicBool, drain_budget:
         match consumer.poll(timeout) {
             Some(Ok(message)) => pipeline.push(&message),
             Some(Err(e)) => {
+                // A record or batch the client cannot hand us (a codec it lacks, a corrupt
+                // batch, a missing topic). librdkafka retries the fetch at the same offset, so
+                // the partition does not move until the cause is fixed: count it by reason,
+                // turn the `consume` readiness component down, and log it (rate-limited).
                 pipeline.metrics().record_error("kafka_error");
-                warn!(error = %e, "consume error");
+                let reason = consume_error_reason(&e);
+                pipeline.metrics().record_consume_error(&reason);
+                status.record_consume_error(e.to_string());
+                consume_errors_unlogged += 1;
+                if consume_error_logged_at.is_none_or(|t| t.elapsed() >= CONSUME_ERROR_LOG_EVERY) {
+                    error!(
+                        error = %e,
+                        reason,
+                        repeats = consume_errors_unlogged,
+                        "consume error: the client returned an error instead of a record; the \
+                         partition does not advance until its cause is fixed (see README, Metrics)"
+                    );
+                    consume_errors_unlogged = 0;
+                    consume_error_logged_at = Some(Instant::now());
+                }
             }
             None => {}
         }
@@ -284,6 +360,8 @@ pub fn consume(consumer: &PipelineConsumer, shutdown: &AtomicBool, drain_budget:
             Ok(()) => {
                 if retry_at.take().is_some() {
                     status.set_write_error(None);
+                    status.set_dead_letter(true, "delivered");
+                    status.set_forwarding(true, "delivered");
                     set_paused(consumer, false);
                     // The listed watermarks stay: until fetch responses pass them they are the
                     // freshest, and forgetting them would show a lag of 0 for a moment.
@@ -293,7 +371,12 @@ pub fn consume(consumer: &PipelineConsumer, shutdown: &AtomicBool, drain_budget:
                 }
             }
             Err(e) => {
-                status.set_write_error(Some(e.to_string()));
+                // Blame the component that failed: the database only for storage errors.
+                match &e {
+                    FlushError::Storage(_) => status.set_write_error(Some(e.to_string())),
+                    FlushError::DeadLetter(_) => status.set_dead_letter(false, e.to_string()),
+                    FlushError::Forward(_) => status.set_forwarding(false, e.to_string()),
+                }
                 if retry_at.is_none() {
                     set_paused(consumer, true);
                     warn!(
@@ -331,4 +414,20 @@ pub fn consume(consumer: &PipelineConsumer, shutdown: &AtomicBool, drain_budget:
         }
     }
     pipeline.dead_letters().flush(Duration::from_secs(5));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consume_error_reasons_are_snake_case_error_codes() {
+        let e = KafkaError::MessageConsumption(RDKafkaErrorCode::NotImplemented);
+        assert_eq!(consume_error_reason(&e), "not_implemented");
+        let e = KafkaError::MessageConsumption(RDKafkaErrorCode::UnknownTopicOrPartition);
+        assert_eq!(consume_error_reason(&e), "unknown_topic_or_partition");
+        let e = KafkaError::MessageConsumptionFatal(RDKafkaErrorCode::BadCompression);
+        assert_eq!(consume_error_reason(&e), "bad_compression");
+        assert_eq!(consume_error_reason(&KafkaError::Canceled), "other");
+    }
 }

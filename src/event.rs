@@ -54,17 +54,21 @@ pub enum RejectReason {
     TooLarge,
     /// PostgreSQL refused the row (caught when a batch is split down to that row).
     DbRejected,
+    /// The event time lies further ahead than the partitions kept ready (see
+    /// [`crate::maintenance::ingest_window`]): almost always a producer's clock or unit error.
+    FutureTimestamp,
 }
 
 impl RejectReason {
     /// Every reason, for pre-registering metric series.
-    pub const ALL: [RejectReason; 6] = [
+    pub const ALL: [RejectReason; 7] = [
         Self::InvalidJson,
         Self::MissingField,
         Self::InvalidField,
         Self::InvalidTimestamp,
         Self::TooLarge,
         Self::DbRejected,
+        Self::FutureTimestamp,
     ];
 
     /// Stable snake_case name used in metrics and headers.
@@ -76,6 +80,7 @@ impl RejectReason {
             Self::InvalidTimestamp => "invalid_timestamp",
             Self::TooLarge => "too_large",
             Self::DbRejected => "db_rejected",
+            Self::FutureTimestamp => "future_timestamp",
         }
     }
 }
@@ -97,7 +102,8 @@ pub struct Rejection {
 }
 
 impl Rejection {
-    fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
+    /// A rejection with its detail.
+    pub fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
         Self { reason, detail: detail.into() }
     }
 }

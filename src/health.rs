@@ -21,6 +21,54 @@ impl Component {
     fn unknown() -> Self {
         Self { up: false, detail: "not checked yet".into() }
     }
+
+    fn ok(detail: &str) -> Self {
+        Self { up: true, detail: detail.into() }
+    }
+}
+
+/// Consume errors younger than this make the `consume` component not ready. A partition the
+/// client cannot decode errors again on every fetch retry (every `fetch.error.backoff.ms`,
+/// 500 ms by default), so it stays not ready for as long as it is stuck.
+pub const CONSUME_ERROR_WINDOW: Duration = Duration::from_secs(15);
+
+/// The last errors the consumer handed us instead of records (`KafkaError::MessageConsumption`).
+#[derive(Debug, Default)]
+struct ConsumeErrors {
+    last_at: Option<Instant>,
+    last: String,
+    total: u64,
+}
+
+/// Whether the consume path is healthy: no consume error within `window`. Pure.
+pub fn consume_healthy(last_error_age: Option<Duration>, window: Duration) -> bool {
+    last_error_age.is_none_or(|age| age >= window)
+}
+
+/// How the time outside a steady group evolves with each statistics report. Pure.
+///
+/// The clock runs only while a broker is reachable and the member is not `up`/`steady`: a
+/// broker outage is a dependency failure (readiness), not something a restart fixes, so it
+/// resets the clock.
+pub fn next_unsteady_since(
+    since: Option<Instant>,
+    broker_reachable: bool,
+    steady: bool,
+    now: Instant,
+) -> Option<Instant> {
+    if steady || !broker_reachable { None } else { Some(since.unwrap_or(now)) }
+}
+
+/// The liveness rule, pure: the consume loop exists and turned within `stall`, and the member
+/// has not been outside a steady group (with a broker reachable) for `unsteady_limit` or longer.
+pub fn is_alive(
+    consumer_stopped: bool,
+    since_last_beat: Duration,
+    stall: Duration,
+    unsteady_for: Option<Duration>,
+    unsteady_limit: Duration,
+) -> bool {
+    !consumer_stopped && since_last_beat < stall && unsteady_for.is_none_or(|d| d < unsteady_limit)
 }
 
 /// Lag of one assigned partition.
@@ -34,6 +82,12 @@ pub struct Status {
     consumer_stopped: AtomicBool,
     kafka: Mutex<Component>,
     database: Mutex<Component>,
+    dead_letter: Mutex<Component>,
+    forwarding: Mutex<Component>,
+    consume_errors: Mutex<ConsumeErrors>,
+    /// Since when a broker is reachable but the member is not in a steady group.
+    unsteady_since: Mutex<Option<Instant>>,
+    group_state: Mutex<String>,
     assigned_partitions: AtomicI64,
     paused: AtomicBool,
     write_error: Mutex<Option<String>>,
@@ -48,6 +102,11 @@ impl Default for Status {
             consumer_stopped: AtomicBool::new(false),
             kafka: Mutex::new(Component::unknown()),
             database: Mutex::new(Component::unknown()),
+            dead_letter: Mutex::new(Component::ok("no delivery failed")),
+            forwarding: Mutex::new(Component::ok("no delivery failed")),
+            consume_errors: Mutex::new(ConsumeErrors::default()),
+            unsteady_since: Mutex::new(None),
+            group_state: Mutex::new("not joined yet".into()),
             assigned_partitions: AtomicI64::new(0),
             paused: AtomicBool::new(false),
             write_error: Mutex::new(None),
@@ -103,6 +162,78 @@ impl Status {
         lock(&self.database).clone()
     }
 
+    /// Records the dead-letter producer's state: down when a delivery failed, up again once
+    /// the batch holding it was delivered. Kept apart from the database, which is not at fault.
+    pub fn set_dead_letter(&self, up: bool, detail: impl Into<String>) {
+        *lock(&self.dead_letter) = Component { up, detail: detail.into() };
+    }
+
+    /// The dead-letter topic's last observed state.
+    pub fn dead_letter(&self) -> Component {
+        lock(&self.dead_letter).clone()
+    }
+
+    /// Records whether routing copies (`forward` rules) can be delivered.
+    pub fn set_forwarding(&self, up: bool, detail: impl Into<String>) {
+        *lock(&self.forwarding) = Component { up, detail: detail.into() };
+    }
+
+    /// The routing destinations' last observed state.
+    pub fn forwarding(&self) -> Component {
+        lock(&self.forwarding).clone()
+    }
+
+    /// Records an error the consumer returned instead of a record (a batch it cannot
+    /// decompress or parse, a missing topic, ...).
+    pub fn record_consume_error(&self, error: impl Into<String>) {
+        let mut e = lock(&self.consume_errors);
+        e.last_at = Some(Instant::now());
+        e.last = error.into();
+        e.total += 1;
+    }
+
+    /// The consume path: down while consume errors keep arriving (see [`CONSUME_ERROR_WINDOW`]).
+    pub fn consume(&self) -> Component {
+        let e = lock(&self.consume_errors);
+        let age = e.last_at.map(|t| t.elapsed());
+        if consume_healthy(age, CONSUME_ERROR_WINDOW) {
+            let detail = match age {
+                None => "no consume error".to_string(),
+                Some(age) => {
+                    format!("{} consume error(s), the last {}s ago", e.total, age.as_secs())
+                }
+            };
+            Component { up: true, detail }
+        } else {
+            Component {
+                up: false,
+                detail: format!(
+                    "the consumer returns errors instead of records ({} so far, the last {} ms ago): {}",
+                    e.total,
+                    age.unwrap_or_default().as_millis(),
+                    e.last
+                ),
+            }
+        }
+    }
+
+    /// Updates the group clock from one statistics report (see [`next_unsteady_since`]).
+    pub fn observe_group(&self, broker_reachable: bool, steady: bool, state: &str) {
+        let mut since = lock(&self.unsteady_since);
+        *since = next_unsteady_since(*since, broker_reachable, steady, Instant::now());
+        *lock(&self.group_state) = state.to_string();
+    }
+
+    /// How long a broker has been reachable while the member was outside a steady group.
+    pub fn unsteady_for(&self) -> Option<Duration> {
+        lock(&self.unsteady_since).map(|t| t.elapsed())
+    }
+
+    /// The group state of the last statistics report, e.g. `up/steady` or `up/wait-join`.
+    pub fn group_state(&self) -> String {
+        lock(&self.group_state).clone()
+    }
+
     /// Records how many partitions this instance owns.
     pub fn set_assigned_partitions(&self, n: i64) {
         self.assigned_partitions.store(n, Ordering::Relaxed);
@@ -148,23 +279,37 @@ impl Status {
         {
             database = Component { up: false, detail: format!("writes failing: {error}") };
         }
+        let (dead_letter, forwarding, consume) =
+            (self.dead_letter(), self.forwarding(), self.consume());
         Readiness {
-            ready: kafka.up && database.up && !self.consumer_stopped(),
+            ready: kafka.up
+                && database.up
+                && dead_letter.up
+                && forwarding.up
+                && consume.up
+                && !self.consumer_stopped(),
             kafka,
             database,
+            dead_letter,
+            forwarding,
+            consume,
             assigned_partitions: self.assigned_partitions(),
             paused: self.paused(),
         }
     }
 
-    /// Liveness: the consume loop exists and turned within `stall`.
-    pub fn liveness(&self, stall: Duration) -> Liveness {
+    /// Liveness (see [`is_alive`]): the consume loop exists and turned within `stall`, and the
+    /// member has not sat outside a steady group for `unsteady_limit` while a broker answers.
+    pub fn liveness(&self, stall: Duration, unsteady_limit: Duration) -> Liveness {
         let since = self.since_last_beat();
         let stopped = self.consumer_stopped();
+        let unsteady = self.unsteady_for();
         Liveness {
-            alive: !stopped && since < stall,
+            alive: is_alive(stopped, since, stall, unsteady, unsteady_limit),
             last_loop_turn_ms_ago: since.as_millis() as u64,
             consumer_stopped: stopped,
+            group_state: self.group_state(),
+            group_unsteady_secs: unsteady.map_or(0, |d| d.as_secs()),
         }
     }
 }
@@ -176,8 +321,14 @@ pub struct Readiness {
     pub ready: bool,
     /// Broker connection and group membership.
     pub kafka: Component,
-    /// Pool ping.
+    /// Pool ping, and batch writes succeeding.
     pub database: Component,
+    /// Dead letters being delivered to `KAFKA_DLQ_TOPIC`.
+    pub dead_letter: Component,
+    /// Routing copies being delivered to their topics.
+    pub forwarding: Component,
+    /// The consumer handing us records rather than errors.
+    pub consume: Component,
     /// Partitions owned now.
     pub assigned_partitions: i64,
     /// Fetching paused because writes fail.
@@ -193,6 +344,10 @@ pub struct Liveness {
     pub last_loop_turn_ms_ago: u64,
     /// The consume loop returned or panicked.
     pub consumer_stopped: bool,
+    /// The consumer group state of the last statistics report.
+    pub group_state: String,
+    /// Seconds a broker has been reachable while the member was outside a steady group.
+    pub group_unsteady_secs: u64,
 }
 
 #[cfg(test)]
@@ -224,9 +379,63 @@ mod tests {
         s.beat();
         s.set_kafka(false, "all brokers down");
         s.set_database(false, "down");
-        assert!(s.liveness(Duration::from_secs(60)).alive);
-        assert!(!s.liveness(Duration::ZERO).alive);
+        let long = Duration::from_secs(300);
+        assert!(s.liveness(Duration::from_secs(60), long).alive);
+        assert!(!s.liveness(Duration::ZERO, long).alive);
         s.set_consumer_stopped();
-        assert!(!s.liveness(Duration::from_secs(60)).alive);
+        assert!(!s.liveness(Duration::from_secs(60), long).alive);
+    }
+
+    #[test]
+    fn a_dead_letter_failure_is_its_own_component_not_the_database() {
+        let s = Status::default();
+        s.set_kafka(true, "joined");
+        s.set_database(true, "ping ok");
+        assert!(s.readiness().ready);
+        s.set_dead_letter(false, "dead-letter delivery failed: Broker: Unknown topic or partition");
+        let r = s.readiness();
+        assert!(!r.ready);
+        assert!(r.database.up, "the database is fine: {:?}", r.database);
+        assert!(!r.dead_letter.up);
+        s.set_dead_letter(true, "delivered");
+        s.set_forwarding(false, "forwarding failed: x");
+        let r = s.readiness();
+        assert!(!r.ready && r.database.up && r.dead_letter.up && !r.forwarding.up);
+    }
+
+    #[test]
+    fn consume_errors_make_the_consume_path_not_ready_while_they_last() {
+        assert!(consume_healthy(None, CONSUME_ERROR_WINDOW));
+        assert!(!consume_healthy(Some(Duration::from_millis(500)), CONSUME_ERROR_WINDOW));
+        assert!(consume_healthy(Some(CONSUME_ERROR_WINDOW), CONSUME_ERROR_WINDOW));
+        let s = Status::default();
+        s.set_kafka(true, "joined");
+        s.set_database(true, "ping ok");
+        s.record_consume_error("Message consumption error: NotImplemented");
+        let r = s.readiness();
+        assert!(!r.ready && !r.consume.up, "{r:?}");
+        assert!(r.consume.detail.contains("NotImplemented"), "{}", r.consume.detail);
+    }
+
+    #[test]
+    fn the_group_clock_runs_only_while_a_broker_answers_and_the_member_is_not_steady() {
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_secs(5);
+        assert_eq!(next_unsteady_since(None, true, false, t0), Some(t0), "joining starts it");
+        assert_eq!(next_unsteady_since(Some(t0), true, false, t1), Some(t0), "keeps running");
+        assert_eq!(next_unsteady_since(Some(t0), true, true, t1), None, "steady stops it");
+        assert_eq!(
+            next_unsteady_since(Some(t0), false, false, t1),
+            None,
+            "broker outage: readiness"
+        );
+        let limit = Duration::from_secs(300);
+        let stall = Duration::from_secs(60);
+        let beat = Duration::from_secs(1);
+        assert!(is_alive(false, beat, stall, None, limit));
+        assert!(is_alive(false, beat, stall, Some(Duration::from_secs(299)), limit));
+        assert!(!is_alive(false, beat, stall, Some(limit), limit));
+        assert!(!is_alive(false, stall, stall, None, limit));
+        assert!(!is_alive(true, beat, stall, None, limit));
     }
 }

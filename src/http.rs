@@ -26,6 +26,9 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     /// `/livez` fails when the consume loop has not turned for this long.
     pub liveness_stall: Duration,
+    /// `/livez` fails when a broker answers but the member has been outside a steady group
+    /// for this long.
+    pub group_unsteady_limit: Duration,
 }
 
 /// The router for the operational endpoints.
@@ -52,14 +55,20 @@ async fn health(State(state): State<AppState>) -> Response {
         let body = json!({
             "status": "unhealthy",
             "service": SERVICE_NAME,
-            "components": {"kafka": readiness.kafka, "database": readiness.database},
+            "components": {
+                "kafka": readiness.kafka,
+                "database": readiness.database,
+                "dead_letter": readiness.dead_letter,
+                "forwarding": readiness.forwarding,
+                "consume": readiness.consume,
+            },
         });
         (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
     }
 }
 
 async fn livez(State(state): State<AppState>) -> Response {
-    let liveness = state.status.liveness(state.liveness_stall);
+    let liveness = state.status.liveness(state.liveness_stall, state.group_unsteady_limit);
     let code = if liveness.alive { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (code, Json(liveness)).into_response()
 }

@@ -27,6 +27,7 @@ use crate::batch::{BatchPolicy, OffsetTracker, Step};
 use crate::dead_letter::{DeadLetter, DeadLetterSink, Forward};
 use crate::event::{self, RejectReason, Rejection};
 use crate::health::Status;
+use crate::maintenance::{self, Admission};
 use crate::routing::Rules;
 use crate::storage::{EventStore, StorageError, StoredEvent, WriteOutcome};
 use crate::telemetry::{Metrics, parse_traceparent};
@@ -77,6 +78,8 @@ struct Batch {
     /// Events routing rules decided on, per rule; and how many were skipped.
     rule_hits: HashMap<String, u64>,
     skipped: u64,
+    /// Events older than the retention horizon: counted, not stored, their offsets committed.
+    expired: u64,
 }
 
 impl Batch {
@@ -113,6 +116,9 @@ pub struct PipelineOptions {
     pub rules: Rules,
     /// Batches being written at once (at least 1; each holds a pool connection).
     pub max_in_flight: usize,
+    /// Partitioning and retention: which event times are stored
+    /// ([`maintenance::ingest_window`]).
+    pub partitions: maintenance::Policy,
 }
 
 /// Turns consumed records into durable rows and committed offsets.
@@ -130,6 +136,7 @@ pub struct Pipeline {
     /// Sealed batches, oldest first, not yet committed.
     in_flight: Mutex<VecDeque<Batch>>,
     max_in_flight: usize,
+    partitions: maintenance::Policy,
 }
 
 impl Pipeline {
@@ -142,7 +149,7 @@ impl Pipeline {
         options: PipelineOptions,
         runtime: tokio::runtime::Handle,
     ) -> Self {
-        let PipelineOptions { policy, max_event_bytes, rules, max_in_flight } = options;
+        let PipelineOptions { policy, max_event_bytes, rules, max_in_flight, partitions } = options;
         Self {
             store,
             dead_letters,
@@ -155,6 +162,7 @@ impl Pipeline {
             batch: Mutex::new(Batch::default()),
             in_flight: Mutex::new(VecDeque::new()),
             max_in_flight: max_in_flight.max(1),
+            partitions,
         }
     }
 
@@ -184,9 +192,26 @@ impl Pipeline {
     /// Adds a consumed record to the batch, decoded, or marked for the dead-letter topic.
     pub fn push(&self, msg: &BorrowedMessage<'_>) {
         let payload = msg.payload().unwrap_or_default();
-        let decoded = event::decode(payload, msg.timestamp().to_millis(), self.max_event_bytes);
+        let window = maintenance::ingest_window(&self.partitions, chrono::Utc::now());
+        let decoded = event::decode(payload, msg.timestamp().to_millis(), self.max_event_bytes)
+            .and_then(|event| match window.admit(event.timestamp) {
+                Admission::TooFarAhead => Err(Rejection::new(
+                    RejectReason::FutureTimestamp,
+                    format!(
+                        "timestamp {} is beyond the partitions kept ready (until {})",
+                        event.timestamp.to_rfc3339(),
+                        window.newest.to_rfc3339()
+                    ),
+                )),
+                _ => Ok(event),
+            });
         let mut batch = self.batch();
         match decoded {
+            Ok(event) if window.admit(event.timestamp) == Admission::Expired => {
+                // Past retention: storing it would only have it dropped. Counted (and the
+                // batch's log line says how many); its offset commits with the batch.
+                batch.expired += 1;
+            }
             Ok(event) => {
                 debug!(
                     "Received event: {} from {} (user: {})",
@@ -486,6 +511,13 @@ impl Pipeline {
             self.metrics.record_dead_letter(*reason);
         }
         self.metrics.record_routing(&batch.rule_hits, batch.skipped);
+        if batch.expired > 0 {
+            self.metrics.record_expired(batch.expired);
+            warn!(
+                expired = batch.expired,
+                "events older than RETENTION_DAYS skipped, not stored (counted in analytics_events_expired_total)"
+            );
+        }
         let seconds = first_at.elapsed().as_secs_f64();
         self.metrics.record_batch(report.events, report.inserted, report.duplicates, seconds);
         info!(
@@ -494,6 +526,7 @@ impl Pipeline {
             duplicates = report.duplicates,
             dead_lettered = report.dead_lettered,
             skipped = batch.skipped,
+            expired = batch.expired,
             statements = outcome.statements,
             partitions = %batch.offsets.partitions().join(","),
             duration_ms = (seconds * 1000.0) as u64,

@@ -25,6 +25,8 @@ use crate::telemetry::Metrics;
 /// How often PostgreSQL is pinged for readiness, and how long a ping may take.
 const DB_PING_INTERVAL: Duration = Duration::from_secs(1);
 const DB_PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// How soon maintenance runs again while periods still wait in the default partition.
+const WAITING_RERUN: Duration = Duration::from_secs(5);
 
 /// Applies the migrations, creates the upcoming partitions, and returns.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
@@ -64,15 +66,21 @@ async fn maintain_partitions(
                 metrics.record_maintenance(Ok(&report));
                 if !report.ran {
                     info!("partition maintenance skipped: another replica holds the lock");
-                } else if !report.created.is_empty() || !report.dropped.is_empty() {
+                } else if !report.created.is_empty()
+                    || !report.dropped.is_empty()
+                    || report.expired_rows > 0
+                {
                     info!(
                         created = ?report.created,
                         dropped = ?report.dropped,
                         moved_rows = report.moved_rows,
+                        expired_rows = report.expired_rows,
+                        waiting_periods_left = report.waiting_periods_left,
                         "partition maintenance done"
                     );
                 }
-                interval
+                // More periods wait in the default partition: continue soon.
+                if report.waiting_periods_left > 0 { interval.min(WAITING_RERUN) } else { interval }
             }
             Err(e) => {
                 metrics.record_maintenance(Err(()));
@@ -121,6 +129,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             max_event_bytes: settings.max_event_bytes,
             rules,
             max_in_flight: settings.batch_max_in_flight,
+            partitions: maintenance_policy(&settings),
         },
         tokio::runtime::Handle::current(),
     ));
@@ -135,6 +144,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         status: status.clone(),
         metrics: metrics.clone(),
         liveness_stall: Duration::from_secs(settings.liveness_stall_secs),
+        group_unsteady_limit: Duration::from_secs(settings.group_unsteady_liveness_secs),
     });
     let mut server_stop = stop_rx.clone();
     let server = tokio::spawn(async move {

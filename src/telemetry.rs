@@ -32,6 +32,11 @@ pub const MAX_EXTRA_LABEL_VALUES: usize = 50;
 pub const OPERATIONAL_ERROR_REASONS: &[&str] =
     &["db_unavailable", "dead_letter_failed", "forward_failed", "kafka_error", "commit_failed"];
 
+/// Consume-error reasons registered at zero, so an alert sees the first increase: codecs the
+/// client lacks, corrupt batches, a missing topic. Others appear when they first happen.
+pub const PREREGISTERED_CONSUME_ERROR_REASONS: &[&str] =
+    &["not_implemented", "bad_compression", "bad_msg", "unknown_topic_or_partition", "other"];
+
 /// Buckets for per-batch durations: sub-millisecond to tens of seconds.
 const SECONDS_BUCKETS: [f64; 16] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
@@ -183,8 +188,10 @@ pub struct Metrics {
     batch_size: Histogram<f64>,
     db_write_duration: Histogram<f64>,
     rebalances: Counter<u64>,
+    consume_errors: Counter<u64>,
     rule_hits: Counter<u64>,
     skipped: Counter<u64>,
+    expired: Counter<u64>,
     maintenance_runs: Counter<u64>,
     partitions_created: Counter<u64>,
     partitions_dropped: Counter<u64>,
@@ -251,6 +258,10 @@ impl Metrics {
                 .u64_counter("analytics_rebalances_total")
                 .with_description("Consumer group rebalances seen by this instance, by kind")
                 .build(),
+            consume_errors: meter
+                .u64_counter("analytics_consume_errors_total")
+                .with_description("Errors the Kafka client returned instead of records, by librdkafka error code (a partition stuck on an undecodable batch repeats its error)")
+                .build(),
             rule_hits: meter
                 .u64_counter("analytics_routing_rule_hits_total")
                 .with_description("Events a routing rule decided on, by rule name")
@@ -258,6 +269,10 @@ impl Metrics {
             skipped: meter
                 .u64_counter("analytics_events_skipped_total")
                 .with_description("Events a skip rule kept out of the database (not dead-lettered)")
+                .build(),
+            expired: meter
+                .u64_counter("analytics_events_expired_total")
+                .with_description("Events older than the retention horizon (RETENTION_DAYS) when consumed: not stored, offsets committed")
                 .build(),
             maintenance_runs: meter
                 .u64_counter("analytics_maintenance_runs_total")
@@ -287,12 +302,16 @@ impl Metrics {
         }
         metrics.stored.add(0, &[]);
         metrics.skipped.add(0, &[]);
+        metrics.expired.add(0, &[]);
         metrics.partitions_created.add(0, &[]);
         metrics.partitions_dropped.add(0, &[]);
         for result in ["ok", "skipped", "error"] {
             metrics.maintenance_runs.add(0, &[KeyValue::new("result", result)]);
         }
         metrics.duplicates.add(0, &[]);
+        for reason in PREREGISTERED_CONSUME_ERROR_REASONS {
+            metrics.consume_errors.add(0, &[KeyValue::new("reason", *reason)]);
+        }
         Ok(Arc::new(metrics))
     }
 
@@ -355,6 +374,11 @@ impl Metrics {
         }
     }
 
+    /// Counts events skipped because they were past retention when consumed.
+    pub fn record_expired(&self, n: u64) {
+        self.expired.add(n, &[]);
+    }
+
     /// Pre-registers a rule's series at zero (rule names come from configuration: bounded).
     pub fn register_rule(&self, rule: &str) {
         self.rule_hits.add(0, &[KeyValue::new("rule", rule.to_string())]);
@@ -372,6 +396,11 @@ impl Metrics {
             Err(()) => "error",
         };
         self.maintenance_runs.add(1, &[KeyValue::new("result", outcome)]);
+    }
+
+    /// Counts an error the consumer returned instead of a record.
+    pub fn record_consume_error(&self, reason: &str) {
+        self.consume_errors.add(1, &[KeyValue::new("reason", reason.to_string())]);
     }
 
     /// Counts a rebalance (`assign`, `revoke` or `error`).
@@ -428,11 +457,31 @@ fn register_gauges(meter: &Meter, status: Arc<Status>) {
         .with_description("1 when a broker is reachable and the group is joined")
         .with_callback(move |obs| obs.observe(s.kafka().up as i64, &[]))
         .build();
-    let s = status;
+    let s = status.clone();
     meter
         .i64_observable_gauge("analytics_database_up")
         .with_description("1 when PostgreSQL answered the last ping")
         .with_callback(move |obs| obs.observe(s.database().up as i64, &[]))
+        .build();
+    let s = status.clone();
+    meter
+        .i64_observable_gauge("analytics_dead_letter_up")
+        .with_description("0 while dead letters cannot be delivered to the dead-letter topic")
+        .with_callback(move |obs| obs.observe(s.dead_letter().up as i64, &[]))
+        .build();
+    let s = status.clone();
+    meter
+        .i64_observable_gauge("analytics_forwarding_up")
+        .with_description("0 while routing copies cannot be delivered to their topics")
+        .with_callback(move |obs| obs.observe(s.forwarding().up as i64, &[]))
+        .build();
+    let s = status;
+    meter
+        .i64_observable_gauge("analytics_consumer_group_unsteady_seconds")
+        .with_description("Seconds a broker has answered while this member was not in a steady group (0 when steady); /livez fails at GROUP_UNSTEADY_LIVENESS_SECS")
+        .with_callback(move |obs| {
+            obs.observe(s.unsteady_for().map_or(0, |d| d.as_secs()) as i64, &[])
+        })
         .build();
     meter
         .i64_observable_gauge("analytics_build_info")

@@ -144,3 +144,65 @@ fn malformed_records_are_dead_lettered_and_neighbours_stored() {
     let log = svc.log_text();
     assert!(log.contains("sending to the dead-letter topic"), "dead letters are logged");
 }
+
+/// A dead-letter topic the producer cannot write to (missing, with auto-creation off) stops the
+/// partition at the bad record and makes the service not ready — blaming the dead-letter topic,
+/// not PostgreSQL. Creating the topic lets it resume by itself: the letter is delivered once and
+/// every good record is stored once.
+#[test]
+#[ignore = "needs Apache Kafka with auto.create.topics.enable=false (tansu creates topics on produce)"]
+fn an_unwritable_dead_letter_topic_is_reported_as_such_and_recovers() {
+    let broker = Broker::start_with(&[("auto.create.topics.enable", "false")]);
+    let topic = unique("events");
+    let dlq = format!("{topic}.dlq");
+    broker.create_topic(&topic, 1);
+    let db = TestDb::create();
+    let record = |value: Vec<u8>| RawRecord {
+        key: None,
+        value: Some(value),
+        headers: vec![],
+        partition: Some(0),
+    };
+    produce_raw(
+        &broker.bootstrap(),
+        &topic,
+        &[record(good(1)), record(b"{not json".to_vec()), record(good(2))],
+    );
+    // Short metadata timings so that "missing" is known, and the topic's creation seen, quickly.
+    let svc = Service::consuming(
+        &broker.bootstrap(),
+        &topic,
+        &db.url,
+        &[
+            ("KAFKA_PROPERTY_TOPIC_METADATA_PROPAGATION_MAX_MS", "2000"),
+            ("KAFKA_PROPERTY_TOPIC_METADATA_REFRESH_INTERVAL_MS", "2000"),
+        ],
+    );
+    let blamed = wait_until(
+        Duration::from_secs(90),
+        || matches!(svc.get("/readyz"), Some((503, body)) if body.contains(r#""dead_letter":{"up":false"#)),
+    );
+    let readyz = svc.get("/readyz");
+    assert!(blamed, "dead-letter failure not reported: {readyz:?}\n{}", svc.log_text());
+    let (_, body) = readyz.expect("readyz");
+    let ready: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(ready["database"]["up"], true, "the database is not blamed: {body}");
+    assert!(ready["dead_letter"]["detail"].as_str().unwrap_or_default().contains("dead-letter"));
+    assert_eq!(svc.metric("analytics_dead_letter_up"), Some(0.0));
+    assert_eq!(svc.metric("analytics_database_up"), Some(1.0));
+
+    broker.create_topic(&dlq, 1);
+    assert!(
+        wait_until(Duration::from_secs(90), || matches!(svc.get("/readyz"), Some((200, _)))),
+        "not ready again: {:?}\n{}",
+        svc.get("/readyz"),
+        svc.log_text()
+    );
+    assert_eq!(svc.metric("analytics_dead_letter_up"), Some(1.0));
+    let letters = read_topic(&broker.bootstrap(), &dlq, 1, Duration::from_secs(30));
+    assert_eq!(letters.len(), 1, "the letter is delivered");
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(db.rows(), 2, "the good records are stored once");
+    assert_eq!(db.distinct_coordinates(), 2);
+    assert_eq!(svc.metric("analytics_dead_letters_total{reason=\"invalid_json\"}"), Some(1.0));
+}

@@ -119,6 +119,14 @@ impl Broker {
         broker
     }
 
+    /// Starts a broker with extra broker settings, e.g. `("auto.create.topics.enable", "false")`.
+    /// tansu has no such settings: only Apache Kafka honours them (until the harness moves to
+    /// it, tests using this are ignored).
+    pub fn start_with(settings: &[(&str, &str)]) -> Self {
+        assert!(settings.is_empty(), "tansu takes no broker settings: {settings:?}");
+        Self::start()
+    }
+
     /// Starts a broker that clients reach only through a TCP proxy (it advertises the proxy's
     /// address), so a test can cut every connection and refuse new ones while the broker keeps
     /// its topics, offsets and topic ids — a network outage as clients see it.
