@@ -7,13 +7,20 @@
         must be one the binary reads: a line of ALLOWED_FILE (the output of
         `nexus-analytics env-vars`); a line ending in '*' is a prefix, and
         KAFKA_PROPERTY_* (librdkafka pass-through) is always allowed. The
-        operator container may also set POD_NAME (read by src/operator/mod.rs
+        operator container may also set POD_NAME and POD_NAMESPACE (the Lease's
+        namespace, clap's env for --lease-namespace); POD_NAME is read by src/operator/mod.rs
         for its Events, not listed by `env-vars`).
     k8s_checks.py operator-rbac CLUSTER_RENDER.yaml NAMESPACED_RENDER.yaml WATCH_NS
         The operator's RBAC: a ClusterRole + ClusterRoleBinding in the first
         render, a Role + RoleBinding in WATCH_NS in the second, with the same
         rules, no wildcard, bound to the operator Deployment's ServiceAccount,
         and `--namespace WATCH_NS` exactly when namespaced.
+    k8s_checks.py operator-knobs SA_RENDER.yaml NO_RBAC_RENDER.yaml
+        operator.replicas=3 with serviceAccount.name=pipelines-operator (+ an
+        annotation) in the first render: 3 replicas, that ServiceAccount created,
+        annotated, run by the Deployment and bound by every operator binding; the
+        second (serviceAccount.create=false, name existing-sa, rbac.create=false):
+        no operator ServiceAccount, Role, ClusterRole or binding, run as existing-sa.
     k8s_checks.py values-table VALUES.yaml
         Print the README table of every value documented with a '# --' comment.
     k8s_checks.py values-doc VALUES.yaml README.md
@@ -56,6 +63,14 @@
         ConfigMap keys, Secret keys, secretKeyRefs, the Service and container port
         "api", the NetworkPolicy ingress rule for it, the migration Job's
         partitioning vars.
+    k8s_checks.py api-deployment CHART_VALUES.yaml RENDERED.yaml [VALUES.yaml...]
+        With api.deployment.enabled: the API pods' Deployment runs `api` with
+        API_PORT=api.port (the consumer's ConfigMap says 0), ports api and
+        metrics, readiness on /readyz, api.deployment.resources, the read-only
+        URL (and DATABASE_URL only when there is no chart-Secret read-only URL),
+        the token; its Service, PDB, CPU HPA (or fixed replicas) and
+        NetworkPolicy (no Kafka egress) select exactly the API pods, and no
+        consumer selector matches them. Without it: none of these objects.
     k8s_checks.py binary-config BIN RENDERED.yaml...
         Start `BIN migrate` with the environment of every rendered consumer
         Deployment, migration Job and operator Deployment (which loads the same
@@ -83,10 +98,13 @@ def verdict(problems, ok, prefix=""):
     return 0
 
 OUR_NAME = "nexus-analytics"
-OUR_COMPONENTS = {"consumer", "migrations", "operator"}
+OUR_COMPONENTS = {"consumer", "migrations", "operator", "api"}
 ALWAYS_ALLOWED_PREFIXES = ("KAFKA_PROPERTY_",)
-# Variables a component reads outside the Settings that `env-vars` lists.
-EXTRA_ALLOWED = {"operator": {"POD_NAME"}}
+# Variables a component reads outside the Settings that `env-vars` lists. PGSSL*: sqlx's
+# PgConnectOptions reads them before the URL's query parameters (sqlx-postgres 0.9
+# src/options/mod.rs, new_without_pgpass); the chart sets them for database.tls.
+PG_TLS_VARS = {"PGSSLROOTCERT", "PGSSLCERT", "PGSSLKEY", "PGSSLMODE"}
+EXTRA_ALLOWED = {"operator": {"POD_NAME", "POD_NAMESPACE"}, "consumer": PG_TLS_VARS, "migrations": PG_TLS_VARS}
 
 
 def load_docs(paths):
@@ -123,7 +141,7 @@ def cmd_env_drift(allowed_file, rendered):
         return 1
     docs = load_docs(rendered)
     maps = {(d["kind"], d["metadata"]["name"]): d for d in docs if d.get("kind") in ("ConfigMap", "Secret")}
-    bad, seen, problems = {}, set(), []
+    bad, seen, problems, external = {}, set(), [], set()
     workloads = 0
     for doc in docs:
         labels = (doc.get("metadata") or {}).get("labels") or {}
@@ -137,10 +155,14 @@ def cmd_env_drift(allowed_file, rendered):
         extra = EXTRA_ALLOWED.get(labels.get("app.kubernetes.io/component"), set())
         for c in (spec.get("initContainers") or []) + (spec.get("containers") or []):
             names = [e["name"] for e in c.get("env") or []]
-            for src in c.get("envFrom") or []:
+            for i, src in enumerate(c.get("envFrom") or []):
                 for kind, key in (("ConfigMap", "configMapRef"), ("Secret", "secretRef")):
                     if key in src:
                         ref = maps.get((kind, src[key]["name"]))
+                        if ref is None and (i > 0 or labels.get("app.kubernetes.io/component") == "migrations"):
+                            # extraEnvFrom: the user's own object, not rendered here.
+                            external.add(f"{kind}/{src[key]['name']}")
+                            continue
                         if ref is None:
                             problems.append(f"{where}: envFrom {kind} {src[key]['name']} is not rendered, its keys cannot be checked")
                             continue
@@ -161,20 +183,50 @@ def cmd_env_drift(allowed_file, rendered):
         return 1
     unused = sorted(exact - seen)
     print(f"ok   {len(seen)} variables across {workloads} workloads are all read by the binary"
-          + (f"; binary also reads (not set by the chart): {' '.join(unused)}" if unused else ""))
+          + (f"; binary also reads (not set by the chart): {' '.join(unused)}" if unused else "")
+          + (f"; not checkable (extraEnvFrom, outside the chart): {' '.join(sorted(external))}" if external else ""))
     return 0
 
 
 # ---------------------------------------------------------------- operator RBAC
 
 def _operator_parts(path):
+    """Operator objects by kind; the leader-election Role/RoleBinding (`*-lease`) under
+    "LeaseRole"/"LeaseRoleBinding"."""
     docs = load_docs([path])
     comp = lambda d: ((d.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/component")
     ops = [d for d in docs if comp(d) == "operator"]
     by_kind = {}
     for d in ops:
-        by_kind.setdefault(d["kind"], []).append(d)
+        kind = d["kind"]
+        if kind in ("Role", "RoleBinding") and d["metadata"]["name"].endswith("-lease"):
+            kind = "Lease" + kind
+        by_kind.setdefault(kind, []).append(d)
     return by_kind
+
+
+def _lease_problems(where, parts, sa, args):
+    """The Lease Role: only create, and get/patch of the one Lease the operator is told to use,
+    in the ServiceAccount's namespace, bound to it."""
+    problems = []
+    role, binding = parts["LeaseRole"][0], parts["LeaseRoleBinding"][0]
+    lease = args[args.index("--lease-name") + 1] if "--lease-name" in args else None
+    want = _norm_rules([
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "patch"],
+         "resourceNames": [lease]},
+    ])
+    if _norm_rules(role.get("rules") or []) != want:
+        problems.append(f"{where}: lease Role rules {role.get('rules')}, want create + get/patch of {lease!r}")
+    for obj in (role, binding):
+        if obj["metadata"].get("namespace") != sa["metadata"]["namespace"]:
+            problems.append(f"{where}: {obj['metadata']['name']} not in the operator's namespace")
+    subj = {(x["kind"], x["name"], x.get("namespace")) for x in binding.get("subjects") or []}
+    if subj != {("ServiceAccount", sa["metadata"]["name"], sa["metadata"]["namespace"])}:
+        problems.append(f"{where}: lease RoleBinding subjects {subj}")
+    if binding["roleRef"]["name"] != role["metadata"]["name"]:
+        problems.append(f"{where}: lease RoleBinding refers to {binding['roleRef']['name']}")
+    return problems
 
 
 def _norm_rules(rules):
@@ -196,7 +248,8 @@ def cmd_operator_rbac(cluster_render, ns_render, watch_ns):
         parts = _operator_parts(path)
         where = path.rsplit("/", 1)[-1]
         kinds = {k: len(v) for k, v in parts.items()}
-        want = {"ServiceAccount": 1, "Deployment": 1, role_kind: 1, binding_kind: 1}
+        want = {"ServiceAccount": 1, "Deployment": 1, role_kind: 1, binding_kind: 1,
+                "LeaseRole": 1, "LeaseRoleBinding": 1}
         if kinds != want:
             problems.append(f"{where}: operator objects {kinds}, want {want}")
             continue
@@ -223,11 +276,18 @@ def cmd_operator_rbac(cluster_render, ns_render, watch_ns):
         pod = spec["template"]["spec"]
         if pod.get("serviceAccountName") != sa["metadata"]["name"]:
             problems.append(f"{where}: operator Deployment runs as {pod.get('serviceAccountName')!r}")
-        if spec.get("replicas") != 1 or (spec.get("strategy") or {}).get("type") != "Recreate":
-            problems.append(f"{where}: operator Deployment must have 1 replica and Recreate (no leader election)")
         args = pod["containers"][0].get("args") or []
         if args[:3] != ["operator", "--port", "8080"]:
             problems.append(f"{where}: operator args {args}")
+        # Replicas beyond one are standbys: only the Lease holder reconciles.
+        if "--leader-elect" not in args or "--lease-name" not in args:
+            problems.append(f"{where}: operator args {args} lack --leader-elect/--lease-name")
+        if (spec.get("strategy") or {}).get("type") != "RollingUpdate":
+            problems.append(f"{where}: operator Deployment strategy {spec.get('strategy')}, want RollingUpdate")
+        env = {e["name"]: e for e in pod["containers"][0].get("env") or []}
+        if (env.get("POD_NAMESPACE", {}).get("valueFrom") or {}).get("fieldRef", {}).get("fieldPath") != "metadata.namespace":
+            problems.append(f"{where}: operator container lacks POD_NAMESPACE from metadata.namespace")
+        problems += _lease_problems(where, parts, sa, args)
         if ns:
             has_ns = "--namespace" in args and args[args.index("--namespace") + 1] == ns
         else:
@@ -237,7 +297,37 @@ def cmd_operator_rbac(cluster_render, ns_render, watch_ns):
     if len(rules) == 2 and rules["ClusterRole"] != rules["Role"]:
         problems.append("ClusterRole and Role rules differ")
     n = len(rules.get("Role", []))
-    return verdict(problems, f"{n} rules, identical in the ClusterRole and the Role in {watch_ns}, no wildcard, bound to the operator's ServiceAccount")
+    return verdict(problems, f"{n} rules, identical in the ClusterRole and the Role in {watch_ns}, no wildcard, bound to the operator's ServiceAccount; leader election on by default with a Lease Role for that one Lease")
+
+
+def cmd_operator_knobs(sa_render, norbac_render):
+    problems = []
+    parts = _operator_parts(sa_render)
+    dep = parts["Deployment"][0]
+    if dep["spec"].get("replicas") != 3:
+        problems.append(f"operator.replicas=3 rendered replicas {dep['spec'].get('replicas')}")
+    sas = parts.get("ServiceAccount") or []
+    if [s["metadata"]["name"] for s in sas] != ["pipelines-operator"]:
+        problems.append(f"ServiceAccounts {[s['metadata']['name'] for s in sas]}, want pipelines-operator")
+    elif (sas[0]["metadata"].get("annotations") or {}).get("team") != "analytics":
+        problems.append("operator.serviceAccount.annotations not on the ServiceAccount")
+    if dep["spec"]["template"]["spec"].get("serviceAccountName") != "pipelines-operator":
+        problems.append("the Deployment does not run as operator.serviceAccount.name")
+    bindings = (parts.get("ClusterRoleBinding") or []) + (parts.get("LeaseRoleBinding") or [])
+    if len(bindings) != 2:
+        problems.append(f"{len(bindings)} operator bindings, want the ClusterRoleBinding and the lease RoleBinding")
+    for b in bindings:
+        names = {x["name"] for x in b.get("subjects") or []}
+        if names != {"pipelines-operator"}:
+            problems.append(f"{b['kind']}/{b['metadata']['name']} binds {names}")
+    parts = _operator_parts(norbac_render)
+    extra = sorted(k for k in parts if k != "Deployment")
+    if extra:
+        problems.append(f"serviceAccount.create=false + rbac.create=false still renders {extra}")
+    run_as = parts["Deployment"][0]["spec"]["template"]["spec"].get("serviceAccountName")
+    if run_as != "existing-sa":
+        problems.append(f"with serviceAccount.create=false the Deployment runs as {run_as!r}, want existing-sa")
+    return verdict(problems, "operator.replicas, serviceAccount.{create,name,annotations} and rbac.create render as documented")
 
 
 # ---------------------------------------------------------------- values docs
@@ -704,9 +794,11 @@ def cmd_chart_features(chart_values, rendered, values_files):
     by = lambda kind: {d["metadata"]["name"]: d for d in docs if d.get("kind") == kind}
     cm = (by("ConfigMap").get(name) or {}).get("data") or {}
     api, part, rules = v["api"], v["partitioning"], v["routing"]["rules"]
+    # The consumer pods serve the API unless it has pods of its own.
+    api_in = api["enabled"] and not api["deployment"]["enabled"]
     days = (v.get("retention") or {}).get("days")
     want_cm = {
-        "API_PORT": str(api["port"]) if api["enabled"] else "0",
+        "API_PORT": str(api["port"]) if api_in else "0",
         "PARTITION_INTERVAL": part["interval"],
         "PARTITIONS_AHEAD": str(part["ahead"]),
         "MAINTENANCE_INTERVAL": str(v["maintenance"]["interval"]),
@@ -731,17 +823,17 @@ def cmd_chart_features(chart_values, rendered, values_files):
     svc_ports = {p["name"]: p for p in svc}
     secret_name = v["existingSecret"] or name
     sk = v["secretKeys"]
-    if api["enabled"]:
+    if api_in:
         if (ports.get("api") or {}).get("containerPort") != api["port"]:
             problems.append(f"container port api {ports.get('api')}, want containerPort {api['port']}")
         if (svc_ports.get("api") or {}).get("port") != api["port"] or svc_ports["api"].get("targetPort") != "api":
             problems.append(f"Service port api {svc_ports.get('api')}, want port {api['port']} -> targetPort api")
     elif "api" in ports or "api" in svc_ports:
-        problems.append("api port rendered although api.enabled is false")
+        problems.append("api port rendered on the consumer although it does not serve the API")
     want_env = {}
-    if api["enabled"] and api["requireToken"]:
+    if api_in and api["requireToken"]:
         want_env["API_TOKEN"] = (sk["apiToken"], False)
-    if api["enabled"] and (v["existingSecret"] or api["databaseUrl"]):
+    if api_in and (v["existingSecret"] or api["databaseUrl"]):
         want_env["API_DATABASE_URL"] = (sk["apiDatabaseUrl"], bool(v["existingSecret"]))
     for n in ("API_TOKEN", "API_DATABASE_URL"):
         got = env.get(n)
@@ -753,22 +845,28 @@ def cmd_chart_features(chart_values, rendered, values_files):
         key, optional = want_env[n]
         if (ref.get("name"), ref.get("key"), bool(ref.get("optional"))) != (secret_name, key, optional):
             problems.append(f"env {n} secretKeyRef {ref}, want {secret_name}/{key} optional={optional}")
+    # What the Secret must hold: the keys of whichever pods serve the API.
+    secret_env = {}
+    if api["enabled"] and api["requireToken"]:
+        secret_env["API_TOKEN"] = sk["apiToken"]
+    if api["enabled"] and api["databaseUrl"]:
+        secret_env["API_DATABASE_URL"] = sk["apiDatabaseUrl"]
     if not v["existingSecret"]:
         data = (by("Secret").get(name) or {}).get("data") or {}
         dec = {k: base64.b64decode(x).decode() for k, x in data.items()}
-        if "API_TOKEN" in want_env and dec.get(sk["apiToken"]) != api["token"]:
+        if "API_TOKEN" in secret_env and dec.get(sk["apiToken"]) != api["token"]:
             problems.append(f"Secret {sk['apiToken']} is not api.token")
-        if "API_DATABASE_URL" in want_env and dec.get(sk["apiDatabaseUrl"]) != api["databaseUrl"]:
+        if "API_DATABASE_URL" in secret_env and dec.get(sk["apiDatabaseUrl"]) != api["databaseUrl"]:
             problems.append(f"Secret {sk['apiDatabaseUrl']} is not api.databaseUrl")
         for k in (sk["apiToken"], sk["apiDatabaseUrl"]):
-            if k in dec and k not in {sk[{"API_TOKEN": "apiToken", "API_DATABASE_URL": "apiDatabaseUrl"}[n]] for n in want_env}:
+            if k in dec and k not in secret_env.values():
                 problems.append(f"Secret holds {k} although it is not used")
     np = by("NetworkPolicy").get(name)
     if np:
         api_rules = [r for r in np["spec"].get("ingress") or [] if any(p.get("port") == "api" for p in r.get("ports") or [])]
-        if not api["enabled"] and api_rules:
-            problems.append("NetworkPolicy admits the api port although api.enabled is false")
-        if api["enabled"]:
+        if not api_in and api_rules:
+            problems.append("NetworkPolicy admits the api port of consumer pods that do not serve it")
+        if api_in:
             want_from = v["networkPolicy"]["apiFrom"] or None
             if len(api_rules) != 1 or api_rules[0].get("from") != want_from:
                 problems.append(f"NetworkPolicy api ingress {api_rules}, want one rule from {want_from}")
@@ -781,10 +879,117 @@ def cmd_chart_features(chart_values, rendered, values_files):
         for p in problems:
             print(f"FAIL {p}")
         return 1
-    print(f"ok   api={'on:' + str(api['port']) if api['enabled'] else 'off'}, partitions {part['interval']}+{part['ahead']}, "
+    where = "own pods" if api["enabled"] and not api_in else "consumer"
+    print(f"ok   api={'on:' + str(api['port']) + ' (' + where + ')' if api['enabled'] else 'off'}, partitions {part['interval']}+{part['ahead']}, "
           f"retention {days}, maintenance {v['maintenance']['interval']}, {len(rules)} routing rules; "
           f"{'NetworkPolicy checked, ' if np else ''}{len(jobs)} migration Job(s)")
     return 0
+
+
+def cmd_api_deployment(chart_values, rendered, values_files):
+    with open(chart_values) as fh:
+        v = yaml.safe_load(fh)
+    for f in values_files:
+        with open(f) as fh:
+            v = deep_merge(v, yaml.safe_load(fh) or {})
+    docs = load_docs([rendered])
+    comp = lambda d: ((d.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/component")
+    api_objs = [d for d in docs if comp(d) == "api"]
+    api, d = v["api"], v["api"]["deployment"]
+    if not (v["consumer"]["enabled"] and api["enabled"] and d["enabled"]):
+        return verdict([f"{o['kind']}/{o['metadata']['name']} rendered without api.deployment.enabled" for o in api_objs],
+                       "no API pods in this combination")
+    problems = []
+    by_kind = {}
+    for o in api_objs:
+        by_kind.setdefault(o["kind"], []).append(o)
+    want_kinds = {"Deployment", "Service"}
+    if d["podDisruptionBudget"]["enabled"]:
+        want_kinds.add("PodDisruptionBudget")
+    if d["autoscaling"]["enabled"]:
+        want_kinds.add("HorizontalPodAutoscaler")
+    if v["networkPolicy"]["enabled"]:
+        want_kinds.add("NetworkPolicy")
+    if set(by_kind) != want_kinds or any(len(x) != 1 for x in by_kind.values()):
+        problems.append(f"API objects {sorted((k, len(x)) for k, x in by_kind.items())}, want one each of {sorted(want_kinds)}")
+        return verdict(problems, "")
+    dep = by_kind["Deployment"][0]
+    name = dep["metadata"]["name"]
+    pod = dep["spec"]["template"]
+    pod_labels = pod["metadata"]["labels"]
+    sel = dep["spec"]["selector"]["matchLabels"]
+    matches = lambda selector, labels: all(labels.get(k) == x for k, x in (selector or {}).items())
+    if not matches(sel, pod_labels):
+        problems.append(f"Deployment selector {sel} does not match its pods {pod_labels}")
+    c = pod["spec"]["containers"][0]
+    if c.get("args") != ["api"]:
+        problems.append(f"container args {c.get('args')}, want ['api']")
+    ports = {p["name"]: p["containerPort"] for p in c.get("ports") or []}
+    if ports != {"api": api["port"], "metrics": v["config"]["metricsPort"]}:
+        problems.append(f"container ports {ports}")
+    env = {e["name"]: e for e in c.get("env") or []}
+    if (env.get("API_PORT") or {}).get("value") != str(api["port"]):
+        problems.append(f"env API_PORT {env.get('API_PORT')}, want {api['port']}")
+    ro_in_chart_secret = bool(api["databaseUrl"]) and not v["existingSecret"]
+    if ro_in_chart_secret == ("DATABASE_URL" in env):
+        problems.append("DATABASE_URL " + ("given although the read-only URL is in the chart Secret"
+                                           if ro_in_chart_secret else "missing (no read-only URL of its own)"))
+    if bool(v["existingSecret"] or api["databaseUrl"]) != ("API_DATABASE_URL" in env):
+        problems.append(f"env API_DATABASE_URL present={'API_DATABASE_URL' in env}")
+    if api["requireToken"] != ("API_TOKEN" in env):
+        problems.append(f"env API_TOKEN present={'API_TOKEN' in env}, api.requireToken={api['requireToken']}")
+    if (c.get("readinessProbe") or {}).get("httpGet", {}).get("path") != "/readyz":
+        problems.append("readiness probe is not /readyz")
+    if c.get("resources") != d["resources"]:
+        problems.append(f"resources {c.get('resources')}, want {d['resources']}")
+    if d["autoscaling"]["enabled"]:
+        if "replicas" in dep["spec"]:
+            problems.append("replicas set although the HPA owns them")
+        hpa = by_kind["HorizontalPodAutoscaler"][0]["spec"]
+        a = d["autoscaling"]
+        metric = (hpa.get("metrics") or [{}])[0]
+        if (hpa["scaleTargetRef"]["name"], hpa["minReplicas"], hpa["maxReplicas"]) != (name, a["minReplicas"], a["maxReplicas"]) \
+                or metric.get("resource", {}).get("name") != "cpu" \
+                or metric["resource"]["target"].get("averageUtilization") != a["targetCPUUtilizationPercentage"]:
+            problems.append(f"HPA {hpa}")
+    elif dep["spec"].get("replicas") != d["replicaCount"]:
+        problems.append(f"replicas {dep['spec'].get('replicas')}, want {d['replicaCount']}")
+    svc = by_kind["Service"][0]["spec"]
+    if not matches(svc["selector"], pod_labels) or svc["selector"] != sel:
+        problems.append(f"Service selector {svc['selector']} is not the API pods' selector")
+    if {p["name"]: (p["port"], p["targetPort"]) for p in svc["ports"]} != {"api": (api["port"], "api"), "metrics": (v["service"]["port"], "metrics")}:
+        problems.append(f"Service ports {svc['ports']}")
+    if "PodDisruptionBudget" in by_kind:
+        pdb = by_kind["PodDisruptionBudget"][0]["spec"]
+        if pdb["selector"]["matchLabels"] != sel or pdb["maxUnavailable"] != d["podDisruptionBudget"]["maxUnavailable"]:
+            problems.append(f"PDB {pdb}")
+    if "NetworkPolicy" in by_kind:
+        np = by_kind["NetworkPolicy"][0]["spec"]
+        if np["podSelector"]["matchLabels"] != sel:
+            problems.append(f"NetworkPolicy selects {np['podSelector']}")
+        ing = {tuple(p["port"] for p in r["ports"]): r.get("from") for r in np.get("ingress") or []}
+        if ing != {("api",): v["networkPolicy"]["apiFrom"] or None, ("metrics",): v["networkPolicy"]["metricsFrom"] or None}:
+            problems.append(f"NetworkPolicy ingress {ing}")
+        egress_ports = {p["port"] for r in np.get("egress") or [] for p in r.get("ports") or []}
+        if egress_ports & set(v["networkPolicy"]["kafkaPorts"]) - set(v["networkPolicy"]["postgresPorts"]):
+            problems.append(f"NetworkPolicy lets the API pods reach Kafka ports {sorted(egress_ports)}")
+    # The consumer does not serve the API and no consumer object selects the API pods.
+    for o in docs:
+        if comp(o) == "api" or o.get("kind") not in ("Service", "PodDisruptionBudget", "NetworkPolicy", "Deployment"):
+            continue
+        spec = o.get("spec") or {}
+        s2 = spec.get("selector") if o["kind"] == "Service" else (spec.get("selector") or spec.get("podSelector") or {}).get("matchLabels")
+        if s2 and matches(s2, pod_labels):
+            problems.append(f"{o['kind']}/{o['metadata']['name']} also selects the API pods")
+    cm = next((o for o in docs if o.get("kind") == "ConfigMap" and o["metadata"]["name"] == pod["spec"]["containers"][0]["envFrom"][0]["configMapRef"]["name"]), None)
+    if not cm or cm["data"].get("API_PORT") != "0":
+        problems.append("the consumer's ConfigMap does not turn its API off (API_PORT=0)")
+    for k, want in (("API_MAX_PAGE_BYTES", api["maxPageBytes"]), ("API_MAX_CONCURRENT_REQUESTS", api["maxConcurrentRequests"])):
+        if (cm or {}).get("data", {}).get(k) != str(want):
+            problems.append(f"ConfigMap {k}={(cm or {}).get('data', {}).get(k)!r}, want {want}")
+    return verdict(problems, f"API pods {name}: args [api], API_PORT={api['port']}, "
+                             f"{'HPA on CPU' if d['autoscaling']['enabled'] else str(d['replicaCount']) + ' replicas'}, "
+                             f"{sorted(want_kinds)}; consumer API_PORT=0; no consumer selector matches them")
 
 
 def cmd_binary_config(binary, rendered):
@@ -799,7 +1004,7 @@ def cmd_binary_config(binary, rendered):
         maps = {(d["kind"], d["metadata"]["name"]): d for d in docs if d.get("kind") in ("ConfigMap", "Secret")}
         deps, jobs = _consumer_parts(docs)
         ops = [d for d in docs if d.get("kind") == "Deployment"
-               and ((d.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/component") == "operator"]
+               and ((d.get("metadata") or {}).get("labels") or {}).get("app.kubernetes.io/component") in ("operator", "api")]
         for w in deps + jobs + ops:
             c = w["spec"]["template"]["spec"]["containers"][0]
             env = {}
@@ -851,10 +1056,12 @@ def main(argv):
         "operator-scaling": (lambda a: cmd_operator_scaling(a[0], a[1]), 2),
         "skaffold-refs": (lambda a: cmd_skaffold_refs(a[0]), 1),
         "operator-rbac": (lambda a: cmd_operator_rbac(a[0], a[1], a[2]), 3),
+        "operator-knobs": (lambda a: cmd_operator_knobs(a[0], a[1]), 2),
         "dashboard": (lambda a: cmd_dashboard(a[0], a[1], a[2], a[3]), 4),
         "dashboard-configmap": (lambda a: cmd_dashboard_configmap(a[0], a[1], a[2:]), 2),
         "chart-features": (lambda a: cmd_chart_features(a[0], a[1], a[2:]), 2),
         "binary-config": (lambda a: cmd_binary_config(a[0], a[1:]), 2),
+        "api-deployment": (lambda a: cmd_api_deployment(a[0], a[1], a[2:]), 2),
     }
     if not argv or argv[0] not in cmds or len(argv) - 1 < cmds[argv[0]][1]:
         print(__doc__, file=sys.stderr)

@@ -30,6 +30,10 @@ pub struct Cli {
 pub enum Command {
     /// Run the service: consume, store, serve /metrics /health /livez /readyz.
     Run,
+    /// Serve only the query API on API_PORT (no consumer, no Kafka), with /metrics /livez
+    /// /readyz /health on METRICS_PORT (ready when the database answers). Reads with
+    /// API_DATABASE_URL, else DATABASE_URL.
+    Api,
     /// Apply the database migrations and exit (idempotent).
     Migrate,
     /// Produce realistic demo or load events to Kafka.
@@ -77,6 +81,18 @@ pub enum Command {
         /// Seconds between re-checks of a healthy pipeline (partition growth).
         #[arg(long, default_value_t = 300)]
         recheck_secs: u64,
+        /// Reconcile only while holding a coordination.k8s.io Lease (for more than one replica).
+        #[arg(long)]
+        leader_elect: bool,
+        /// Name of the leader-election Lease.
+        #[arg(long, default_value = "nexus-analytics-operator")]
+        lease_name: String,
+        /// Namespace of the Lease (required with --leader-elect; the chart sets POD_NAMESPACE).
+        #[arg(long, env = "POD_NAMESPACE")]
+        lease_namespace: Option<String>,
+        /// Seconds a leader that stopped renewing blocks the others (at least 3).
+        #[arg(long, default_value_t = 15)]
+        lease_duration_secs: u64,
     },
     /// Move a consumer group's committed offsets back to replay events (rows stay exact:
     /// writes are idempotent). Refuses while the group has active members.
@@ -97,6 +113,17 @@ pub enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+}
+
+/// Holder identity of the operator's Lease: the pod name, else the host name and process id.
+fn lease_identity() -> String {
+    if let Some(pod) = std::env::var("POD_NAME").ok().filter(|s| !s.is_empty()) {
+        return pod;
+    }
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "operator".to_owned());
+    format!("{host}-{}", std::process::id())
 }
 
 /// A configuration problem: the process exits with code 2.
@@ -129,6 +156,9 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
     if matches!(command, Command::Run | Command::Migrate) {
         settings.database_url().map_err(ConfigFailure)?;
     }
+    if matches!(command, Command::Api) {
+        settings.api_database_url().map_err(ConfigFailure)?;
+    }
     let _tracing = telemetry::init_tracing(&settings);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -137,6 +167,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         .context("cannot start the async runtime")?;
     match command {
         Command::Run => runtime.block_on(startup::run(settings)),
+        Command::Api => runtime.block_on(startup::run_api(settings)),
         Command::Migrate => runtime.block_on(startup::migrate(&settings)),
         Command::Produce { count, rate, topic, invalid_percent, users, seed } => {
             let topic = topic.unwrap_or_else(|| {
@@ -163,11 +194,33 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Operator { port, namespace, recheck_secs } => {
+        Command::Operator {
+            port,
+            namespace,
+            recheck_secs,
+            leader_elect,
+            lease_name,
+            lease_namespace,
+            lease_duration_secs,
+        } => {
+            let leader_election = if leader_elect {
+                let namespace = lease_namespace.ok_or_else(|| {
+                    anyhow::anyhow!("--leader-elect needs --lease-namespace (or POD_NAMESPACE)")
+                })?;
+                Some(operator::LeaderElection {
+                    lease_name,
+                    namespace,
+                    identity: lease_identity(),
+                    lease_duration: std::time::Duration::from_secs(lease_duration_secs),
+                })
+            } else {
+                None
+            };
             let options = operator::OperatorOptions {
                 port,
                 namespace,
                 recheck_interval: std::time::Duration::from_secs(recheck_secs),
+                leader_election,
             };
             runtime.block_on(operator::run(options))
         }

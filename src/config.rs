@@ -48,6 +48,9 @@ pub const ENV_VARS: &[&str] = &[
     "API_PORT",
     "API_TOKEN",
     "API_DATABASE_URL",
+    "API_MAX_PAGE_BYTES",
+    "API_MAX_CONCURRENT_REQUESTS",
+    "API_STATEMENT_TIMEOUT_MS",
     "PARTITION_INTERVAL",
     "PARTITIONS_AHEAD",
     "RETENTION_DAYS",
@@ -75,6 +78,11 @@ const TEXT_ENV_VARS: &[&str] = &[
 /// Listed in [`ENV_VARS`] but read elsewhere: the file path, the log filter override, the
 /// OpenTelemetry SDK and the operator.
 const NOT_SETTINGS: &[&str] = &["CONFIG_FILE", "RUST_LOG", "OTEL_SERVICE_NAME", "POD_NAME"];
+
+/// Bounds of `API_MAX_PAGE_BYTES`: a page smaller than one typical event is pointless, a
+/// larger one than 64 MiB defeats the point of a budget.
+const MIN_API_PAGE_BYTES: usize = 16 * 1024;
+const MAX_API_PAGE_BYTES: usize = 64 * 1024 * 1024;
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -203,6 +211,12 @@ pub struct Settings {
     pub api_token: Option<Secret>,
     /// Read-only connection for the API; defaults to `DATABASE_URL`.
     pub api_database_url: Option<Secret>,
+    /// JSON bytes one API event page may hold (a single larger event is returned alone).
+    pub api_max_page_bytes: usize,
+    /// API requests served at once (one read connection each); more get 503 `overloaded`.
+    pub api_max_concurrent_requests: usize,
+    /// Statement timeout of every API query.
+    pub api_statement_timeout_ms: u64,
     /// `day` or `month`.
     pub partition_interval: PartitionInterval,
     /// Partitions created ahead of the current one.
@@ -244,6 +258,9 @@ impl Default for Settings {
             api_port: 8080,
             api_token: None,
             api_database_url: None,
+            api_max_page_bytes: crate::api::DEFAULT_MAX_PAGE_BYTES,
+            api_max_concurrent_requests: crate::api::DEFAULT_MAX_CONCURRENT_REQUESTS,
+            api_statement_timeout_ms: crate::api::DEFAULT_STATEMENT_TIMEOUT.as_millis() as u64,
             partition_interval: PartitionInterval::Day,
             partitions_ahead: 7,
             retention_days: None,
@@ -408,6 +425,18 @@ impl Settings {
         if self.api_port != 0 && self.api_port == self.metrics_port {
             return Err(invalid("API_PORT", "must differ from METRICS_PORT"));
         }
+        if !(MIN_API_PAGE_BYTES..=MAX_API_PAGE_BYTES).contains(&self.api_max_page_bytes) {
+            return Err(invalid(
+                "API_MAX_PAGE_BYTES",
+                format!("must be between {MIN_API_PAGE_BYTES} and {MAX_API_PAGE_BYTES}"),
+            ));
+        }
+        if !(1..=1024).contains(&self.api_max_concurrent_requests) {
+            return Err(invalid("API_MAX_CONCURRENT_REQUESTS", "must be between 1 and 1024"));
+        }
+        if !(1..=600_000).contains(&self.api_statement_timeout_ms) {
+            return Err(invalid("API_STATEMENT_TIMEOUT_MS", "must be between 1 and 600000"));
+        }
         if self.api_token.as_ref().is_some_and(|t| t.expose().trim().is_empty()) {
             return Err(invalid("API_TOKEN", "must not be empty when set"));
         }
@@ -453,6 +482,25 @@ impl Settings {
     /// The database URL with its password replaced, for log lines.
     pub fn database_url_redacted(&self) -> String {
         self.database_url.as_ref().map(|u| redact_url(u.expose())).unwrap_or_default()
+    }
+
+    /// The query API's bounds.
+    pub fn api_limits(&self) -> crate::api::ApiLimits {
+        crate::api::ApiLimits {
+            statement_timeout: Duration::from_millis(self.api_statement_timeout_ms),
+            max_page_bytes: self.api_max_page_bytes,
+            max_concurrent_requests: self.api_max_concurrent_requests,
+        }
+    }
+
+    /// The URL the query API reads with: `API_DATABASE_URL`, else `DATABASE_URL`.
+    pub fn api_database_url(&self) -> Result<&str, ConfigError> {
+        match &self.api_database_url {
+            Some(url) => Ok(url.expose()),
+            None => self.database_url.as_ref().map(Secret::expose).ok_or(ConfigError::Missing(
+                "DATABASE_URL (or API_DATABASE_URL for nexus-analytics api)",
+            )),
+        }
     }
 
     /// Linger limit as a duration.
@@ -580,6 +628,7 @@ mod tests {
                     "MAINTENANCE_INTERVAL" => "15m",
                     "ROUTING_RULES" => "[]",
                     "API_PORT" => "8081",
+                    "API_MAX_PAGE_BYTES" => "65536",
                     "KAFKA_SESSION_TIMEOUT_MS" => "6000",
                     "LIVENESS_STALL_SECS" => "61",
                     "KAFKA_BROKERS" | "KAFKA_TOPICS" | "KAFKA_GROUP_ID" | "KAFKA_DLQ_TOPIC" => "x",
@@ -598,6 +647,31 @@ mod tests {
             assert_eq!(s.api_token.as_ref().map(Secret::expose), Some("12345"));
             assert_eq!(s.kafka_group_id, "true");
             assert!(s.routing_rules().map_err(|e| e.to_string())?.is_empty());
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn api_limits_are_validated() {
+        for (name, bad) in [
+            ("API_MAX_PAGE_BYTES", "100"),
+            ("API_MAX_PAGE_BYTES", "1073741824"),
+            ("API_MAX_CONCURRENT_REQUESTS", "0"),
+            ("API_STATEMENT_TIMEOUT_MS", "0"),
+        ] {
+            Jail::expect_with(|jail| {
+                jail.clear_env();
+                jail.set_env(name, bad);
+                let err = Settings::from_figment(Settings::figment()).unwrap_err().to_string();
+                assert!(err.starts_with(&format!("invalid setting {name}")), "{err}");
+                Ok(())
+            });
+        }
+        Jail::expect_with(|jail| {
+            jail.clear_env();
+            let s = Settings::from_figment(Settings::figment()).map_err(|e| e.to_string())?;
+            assert_eq!(s.api_max_page_bytes, 4 * 1024 * 1024);
+            assert_eq!(s.api_max_concurrent_requests, 8);
             Ok(())
         });
     }

@@ -154,17 +154,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         axum::serve(listener, app).with_graceful_shutdown(shutdown).await
     });
     if settings.api_port != 0 {
-        let url = match &settings.api_database_url {
-            Some(url) => url.expose(),
-            None => settings.database_url()?,
-        };
-        let pool = api::read_pool(url, settings.database_pool_size).map_err(|_| {
-            anyhow::anyhow!("invalid API_DATABASE_URL or DATABASE_URL for the query API")
-        })?;
-        let listener = TcpListener::bind(("0.0.0.0", settings.api_port))
-            .await
-            .with_context(|| format!("cannot listen on API_PORT {}", settings.api_port))?;
-        let app = api::router(api::ApiState::new(pool, settings.api_token.clone()));
+        let (listener, app) = query_api(&settings).await?;
         let mut api_stop = stop_rx.clone();
         tokio::spawn(async move {
             let shutdown = async move {
@@ -228,6 +218,83 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         }
         _ => anyhow::bail!("the consume loop failed"),
     }
+}
+
+/// The query API's listener and router: a read pool with one connection per admitted request,
+/// the token and the limits from `settings`.
+async fn query_api(settings: &Settings) -> anyhow::Result<(TcpListener, axum::Router)> {
+    let url = settings.api_database_url()?;
+    let limits = settings.api_limits();
+    let pool = api::read_pool(url, limits.max_concurrent_requests as u32).map_err(|_| {
+        anyhow::anyhow!("invalid API_DATABASE_URL or DATABASE_URL for the query API")
+    })?;
+    let listener = TcpListener::bind(("0.0.0.0", settings.api_port))
+        .await
+        .with_context(|| format!("cannot listen on API_PORT {}", settings.api_port))?;
+    let state = api::ApiState::new(pool.clone(), settings.api_token.clone()).with_limits(limits);
+    Ok((listener, api::router(state)))
+}
+
+/// Runs only the query API (`nexus-analytics api`): no consumer, no Kafka. Serves `API_PORT`,
+/// and on `METRICS_PORT` `/metrics`, `/livez` (the process serves), `/readyz` and `/health`
+/// (the database answers pings). Stops on SIGTERM/SIGINT after in-flight requests finish.
+pub async fn run_api(settings: Settings) -> anyhow::Result<()> {
+    if settings.api_port == 0 {
+        return Err(crate::cli::ConfigFailure(crate::config::ConfigError::Invalid {
+            setting: "API_PORT".into(),
+            reason: "must not be 0 for nexus-analytics api (nothing to serve)".into(),
+        })
+        .into());
+    }
+    let status = Arc::new(Status::default());
+    status.set_kafka(false, "not used by nexus-analytics api");
+    let metrics = Metrics::new(status.clone()).context("cannot set up metrics")?;
+    let (api_listener, app) = query_api(&settings).await?;
+    let ping_pool = api::read_pool(settings.api_database_url()?, 1)
+        .map_err(|_| anyhow::anyhow!("invalid API_DATABASE_URL or DATABASE_URL"))?;
+    let ops = TcpListener::bind(("0.0.0.0", settings.metrics_port))
+        .await
+        .with_context(|| format!("cannot listen on METRICS_PORT {}", settings.metrics_port))?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let ops_app = api::probes::router(status.clone(), metrics.clone());
+    let ops_stop = stopped(stop_rx.clone());
+    let ops_server =
+        tokio::spawn(
+            async move { axum::serve(ops, ops_app).with_graceful_shutdown(ops_stop).await },
+        );
+    let api_stop = stopped(stop_rx.clone());
+    let api_server = tokio::spawn(async move {
+        axum::serve(api_listener, app).with_graceful_shutdown(api_stop).await
+    });
+    tokio::spawn(api::probes::watch_database(ping_pool, status.clone(), stop_rx.clone()));
+    info!(
+        database = %crate::config::redact_url(settings.api_database_url()?),
+        metrics_port = settings.metrics_port,
+        api_port = settings.api_port,
+        max_page_bytes = settings.api_max_page_bytes,
+        max_concurrent_requests = settings.api_max_concurrent_requests,
+        "nexus-analytics api started"
+    );
+    shutdown_signal().await;
+    info!("shutdown requested: finishing the requests in hand");
+    let _ = stop_tx.send(true);
+    let drain = Duration::from_secs(settings.shutdown_timeout_secs);
+    let joined = tokio::time::timeout(drain, async { tokio::join!(api_server, ops_server) }).await;
+    metrics.shutdown();
+    match joined {
+        Ok((api_result, ops_result)) => {
+            api_result.context("the API server task failed")?.context("the API server failed")?;
+            ops_result
+                .context("the metrics server task failed")?
+                .context("the metrics server failed")?;
+            info!("shutdown complete");
+        }
+        Err(_) => tracing::warn!("requests still open after SHUTDOWN_TIMEOUT_SECS; closing them"),
+    }
+    Ok(())
 }
 
 /// Marks the consumer as gone when its thread ends, however it ends (panics included).

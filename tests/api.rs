@@ -9,7 +9,7 @@ use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
-use nexus_analytics::api::{self, ApiState};
+use nexus_analytics::api::{self, ApiLimits, ApiState};
 use nexus_analytics::config::Secret;
 use serde_json::Value;
 use sqlx::postgres::PgPoolOptions;
@@ -56,6 +56,14 @@ impl ApiServer {
     }
 
     fn start_with(url: &str, token: Option<&str>, statement_timeout: Option<Duration>) -> Self {
+        let mut limits = ApiLimits::default();
+        if let Some(t) = statement_timeout {
+            limits.statement_timeout = t;
+        }
+        Self::start_limited(url, token, limits)
+    }
+
+    fn start_limited(url: &str, token: Option<&str>, limits: ApiLimits) -> Self {
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -67,10 +75,7 @@ impl ApiServer {
                 .acquire_timeout(Duration::from_secs(2))
                 .connect_lazy(url)
                 .expect("pool");
-            let mut state = ApiState::new(pool, token.map(Secret::new));
-            if let Some(t) = statement_timeout {
-                state = state.with_statement_timeout(t);
-            }
+            let state = ApiState::new(pool, token.map(Secret::new)).with_limits(limits);
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let port = listener.local_addr().expect("addr").port();
             tokio::spawn(async move {
@@ -553,6 +558,7 @@ fn openapi_document_describes_the_routes() {
             "not_found",
             "method_not_allowed",
             "unavailable",
+            "overloaded",
             "internal"
         ])
     );
@@ -626,4 +632,181 @@ fn statement_timeout_stops_a_blocked_query() {
         locker.close().await.expect("close");
     });
     assert_eq!(api.get("/api/v1/stats/counts").status, 200);
+}
+
+/// `n` events one second apart on 2026-04-01 whose `data` is about `kib` KiB of JSON (many small
+/// fields, as real payloads have); event `big_at`, if any, gets `big_kib` instead.
+fn seed_large(db: &TestDb, n: usize, kib: usize, big_at: Option<(usize, usize)>) {
+    let (big_i, big_kib) = big_at.map_or((-1, 0), |(i, k)| (i as i64, k));
+    common::run_sql(
+        &db.url,
+        &format!(
+            r#"INSERT INTO analytics.events
+    (event_type, user_id, service, "timestamp", data, kafka_topic, kafka_partition, kafka_offset)
+SELECT 'user.login', 'user-' || (i % 3), 'auth',
+       timestamptz '2026-04-01 00:00:00+00' + (i / 2) * interval '1 second',
+       (SELECT jsonb_object_agg('k' || j, md5(i::text || '/' || j::text))
+          FROM generate_series(1, (CASE WHEN i = {big_i} THEN {big_kib} ELSE {kib} END) * 1024 / 44) AS j),
+       'user-events', 0, i
+FROM generate_series(0, {last}) AS i"#,
+            last = n - 1
+        ),
+    );
+}
+
+/// Every page of a walk, with its body size.
+fn walk_pages(api: &ApiServer, first: &str) -> Vec<(usize, Value)> {
+    let mut pages = Vec::new();
+    let mut path = first.to_string();
+    loop {
+        let r = api.get(&path);
+        assert_eq!(r.status, 200, "GET {path}: {}", shorten(&r.body));
+        let page = r.json();
+        let cursor = page["next_cursor"].as_str().map(str::to_string);
+        pages.push((r.body.len(), page));
+        match cursor {
+            Some(c) => path = format!("{first}&cursor={c}"),
+            None => break,
+        }
+        assert!(pages.len() < 10_000, "pagination does not end");
+    }
+    pages
+}
+
+fn shorten(s: &str) -> &str {
+    &s[..s.len().min(300)]
+}
+
+#[test]
+fn byte_budget_cuts_pages_and_the_cursor_continues_without_gaps() {
+    let db = TestDb::create();
+    seed_large(&db, 120, 8, None);
+    let budget = 64 * 1024;
+    let limits = ApiLimits { max_page_bytes: budget, ..ApiLimits::default() };
+    let api = ApiServer::start_limited(&db.url, None, limits);
+
+    let pages = walk_pages(&api, "/api/v1/events?limit=1000");
+    // ~8 KiB events in a 64 KiB budget: about 7 per page, never more than the budget.
+    assert!(pages.len() >= 120 / 8, "{} pages", pages.len());
+    for (i, (size, page)) in pages.iter().enumerate() {
+        let n = page["events"].as_array().unwrap().len();
+        assert!(*size <= budget, "page {i}: {size} bytes with {n} events");
+        assert!(n >= 1, "page {i} is empty");
+        if i + 1 < pages.len() {
+            assert_eq!(page["truncated"], "byte_budget", "page {i}");
+            assert!(page["next_cursor"].is_string());
+        } else {
+            assert!(page["truncated"].is_null() && page["next_cursor"].is_null());
+        }
+    }
+    let events: Vec<Value> =
+        pages.iter().flat_map(|(_, p)| p["events"].as_array().unwrap().clone()).collect();
+    assert_eq!(events.len(), 120);
+    assert_ordered_unique(&events);
+    assert_eq!(
+        events.iter().map(|e| e["id"].as_i64().unwrap()).sum::<i64>(),
+        db.scalar("SELECT sum(id)::bigint FROM analytics.events")
+    );
+    // The payload comes back as stored.
+    let first = &events[0];
+    let stored = db.scalar(&format!(
+        "SELECT count(*) FROM analytics.events WHERE id = {} AND data = '{}'::jsonb",
+        first["id"],
+        first["data"].to_string().replace('\'', "''")
+    ));
+    assert_eq!(stored, 1);
+
+    // A limit below the budget still ends pages at the limit, without `truncated`.
+    let page = api.ok("/api/v1/events?limit=3");
+    assert_eq!(page["events"].as_array().unwrap().len(), 3);
+    assert!(page["truncated"].is_null() && page["next_cursor"].is_string());
+
+    // Timelines are bounded the same way: user-1's 40 events over several pages, each once.
+    let pages = walk_pages(&api, "/api/v1/users/user-1/timeline?limit=1000");
+    assert!(pages.len() > 1);
+    let events: Vec<Value> =
+        pages.iter().flat_map(|(_, p)| p["events"].as_array().unwrap().clone()).collect();
+    assert_eq!(
+        events.len() as i64,
+        db.scalar("SELECT count(*) FROM analytics.events WHERE user_id = 'user-1'")
+    );
+    assert_ordered_unique(&events);
+    assert!(pages.iter().all(|(size, p)| *size <= budget && p["user_id"] == "user-1"));
+}
+
+#[test]
+fn an_event_larger_than_the_budget_comes_alone_on_its_page() {
+    let db = TestDb::create();
+    // Event 5 carries ~500 KiB (about MAX_EVENT_BYTES), the others 1 KiB; the budget is 32 KiB.
+    seed_large(&db, 11, 1, Some((5, 500)));
+    let budget = 32 * 1024;
+    let limits = ApiLimits { max_page_bytes: budget, ..ApiLimits::default() };
+    let api = ApiServer::start_limited(&db.url, None, limits);
+
+    let pages = walk_pages(&api, "/api/v1/events?limit=100");
+    let big: Vec<&(usize, Value)> = pages.iter().filter(|(size, _)| *size > budget).collect();
+    assert_eq!(big.len(), 1, "one page holds the large event");
+    let (size, page) = big[0];
+    assert!(*size > 400 * 1024, "{size}");
+    assert_eq!(page["events"].as_array().unwrap().len(), 1, "the large event is alone");
+    assert_eq!(page["truncated"], "byte_budget");
+    let events: Vec<Value> =
+        pages.iter().flat_map(|(_, p)| p["events"].as_array().unwrap().clone()).collect();
+    assert_eq!(events.len(), 11);
+    assert_ordered_unique(&events);
+}
+
+#[test]
+fn overload_is_answered_at_once_with_503_and_retry_after() {
+    let db = seeded();
+    let limits = ApiLimits {
+        max_concurrent_requests: 1,
+        statement_timeout: Duration::from_secs(10),
+        ..ApiLimits::default()
+    };
+    let api = ApiServer::start_limited(&db.url, None, limits);
+    // Another session locks the events table, so the first request waits inside its permit.
+    let url = db.url.clone();
+    let locker = api.rt.block_on(async move {
+        use sqlx::Connection;
+        let mut conn = sqlx::PgConnection::connect(&url).await.expect("connect");
+        sqlx::raw_sql("BEGIN; LOCK TABLE analytics.events IN ACCESS EXCLUSIVE MODE")
+            .execute(&mut conn)
+            .await
+            .expect("lock");
+        conn
+    });
+    let port = api.port;
+    let blocked = std::thread::spawn(move || request(port, "GET", "/api/v1/events?limit=5", &[]));
+    // Wait until that request holds the permit (its query waits for the lock).
+    assert!(
+        common::wait_until(Duration::from_secs(10), || {
+            db.scalar(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE 'DECLARE api_page%'",
+            ) == 1
+        }),
+        "the first request never waited for the lock"
+    );
+
+    for path in ["/api/v1/events", "/api/v1/stats/counts", "/api/v1/users/user-1/timeline"] {
+        let started = Instant::now();
+        let r = api.get(path);
+        assert!(started.elapsed() < Duration::from_secs(2), "{path}: refused late");
+        assert_eq!(r.status, 503, "{path}: {}", r.body);
+        assert_eq!(r.json()["error"]["code"], "overloaded", "{path}");
+        assert_eq!(r.header("retry-after").as_deref(), Some("1"), "{path}");
+    }
+    // The document and unknown routes take no permit.
+    assert_eq!(api.get("/api/v1/openapi.json").status, 200);
+    assert_eq!(api.get("/api/v1/nope").status, 404);
+
+    api.rt.block_on(async move {
+        use sqlx::Connection;
+        locker.close().await.expect("close");
+    });
+    let first = blocked.join().expect("request thread");
+    assert_eq!(first.status, 200, "{}", first.body);
+    assert_eq!(first.json()["events"].as_array().unwrap().len(), 5);
+    // The permit came back with the response.
+    assert_eq!(api.get("/api/v1/events?limit=1").status, 200);
 }

@@ -52,6 +52,10 @@ pub struct AnalyticsPipelineSpec {
     /// Resource requests and limits of the consumer container, e.g. `{requests: {cpu: 100m}}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourcesSpec>,
+    /// The query API: by default served by the consumer pods (on port 8080, no Service); with
+    /// `api.separate` from pods of its own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api: Option<ApiSpec>,
     /// Create a Prometheus Operator ServiceMonitor (only when its API exists in the cluster).
     #[serde(default)]
     pub service_monitor: bool,
@@ -79,6 +83,28 @@ pub struct KafkaSpec {
     /// in the pods, and the operator uses the same properties for its own Kafka calls.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_ref: Option<SecretRef>,
+}
+
+/// Where the query API runs.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiSpec {
+    /// Serve the API from its own Deployment and Service `<name>-api` (`nexus-analytics api`:
+    /// no consumer, no Kafka), so API load cannot hurt ingestion; the consumer pods then run
+    /// with `API_PORT=0`.
+    #[serde(default)]
+    pub separate: bool,
+    /// API pods when `separate`.
+    #[serde(default = "default_api_replicas")]
+    #[schemars(range(min = 0))]
+    pub replicas: i32,
+    /// Resource requests and limits of the API container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourcesSpec>,
+}
+
+fn default_api_replicas() -> i32 {
+    2
 }
 
 /// Reference to a Secret in the pipeline's namespace.

@@ -5,8 +5,10 @@
 //! - [`reconcile`]: the reconciler, error policy and the Kafka seams.
 //! - [`replay`]: the replay state machine.
 //! - [`metrics`]: the operator's own reconcile metrics.
+//! - [`leader`]: leader election on a Lease (`--leader-elect`), for more than one replica.
 
 pub mod crd;
+pub mod leader;
 pub mod metrics;
 pub mod reconcile;
 pub mod replay;
@@ -37,6 +39,7 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::{Controller, watcher};
 
 pub use crd::{AnalyticsPipeline, crd_yaml};
+pub use leader::LeaderElection;
 pub use reconcile::{Context, KafkaAdmin, KafkaConnection, OffsetResetter, PartitionSource};
 
 use metrics::Metrics;
@@ -66,11 +69,18 @@ pub struct OperatorOptions {
     pub namespace: Option<String>,
     /// How often a healthy pipeline is re-checked (partition count growth).
     pub recheck_interval: Duration,
+    /// Reconcile only while holding this Lease (`None`: always, a single replica).
+    pub leader_election: Option<LeaderElection>,
 }
 
 impl Default for OperatorOptions {
     fn default() -> Self {
-        Self { port: 8080, namespace: None, recheck_interval: Duration::from_secs(300) }
+        Self {
+            port: 8080,
+            namespace: None,
+            recheck_interval: Duration::from_secs(300),
+            leader_election: None,
+        }
     }
 }
 
@@ -98,11 +108,30 @@ fn router(ready: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Router {
         .with_state(HttpState { ready, metrics })
 }
 
+/// Resolves on SIGTERM or SIGINT (while a standby waits for the Lease; the controller has its
+/// own handler once it runs).
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
 /// Runs the controller until SIGTERM/SIGINT.
 ///
 /// Ready once the AnalyticsPipeline API answers (CRD installed, RBAC in place); the
 /// ServiceMonitor API is looked up once here, so installing the Prometheus Operator later needs a
-/// restart of the operator.
+/// restart of the operator. With leader election the process is ready as a standby too, starts
+/// the controller once it holds the Lease, and exits with an error if it loses it (a restart
+/// rejoins as a standby: no reconcile may outlive the leadership).
 pub async fn run(opts: OperatorOptions) -> anyhow::Result<()> {
     let client = Client::try_default()
         .await
@@ -161,7 +190,22 @@ pub async fn run(opts: OperatorOptions) -> anyhow::Result<()> {
     }
     let ns = &opts.namespace;
     ready.store(true, Ordering::Relaxed);
-    Controller::new(pipelines, watcher::Config::default())
+    let mut leadership = None;
+    if let Some(le) = &opts.leader_election {
+        let mut l = leader::Leadership::join(client.clone(), le).await?;
+        tracing::info!(lease = %le.lease_name, namespace = %le.namespace, identity = %le.identity,
+            "waiting for the leader-election Lease");
+        tokio::select! {
+            res = l.acquired() => res?,
+            _ = shutdown_signal() => {
+                l.release().await;
+                return Ok(());
+            }
+        }
+        tracing::info!(identity = %le.identity, "holding the leader-election Lease: reconciling");
+        leadership = Some(l);
+    }
+    let controller = Controller::new(pipelines, watcher::Config::default())
         .owns(api::<Job>(&client, ns), owned.clone())
         .owns(api::<Deployment>(&client, ns), owned.clone())
         .owns(api::<Service>(&client, ns), owned.clone())
@@ -174,7 +218,18 @@ pub async fn run(opts: OperatorOptions) -> anyhow::Result<()> {
                 Ok((obj, _)) => tracing::debug!(pipeline = %obj.name, "reconciled"),
                 Err(e) => tracing::warn!(error = %e, "reconcile error"),
             }
-        })
-        .await;
-    Ok(())
+        });
+    let Some(mut l) = leadership else {
+        controller.await;
+        return Ok(());
+    };
+    tokio::select! {
+        _ = controller => {
+            l.release().await;
+            Ok(())
+        }
+        _ = l.lost() => {
+            anyhow::bail!("lost the leader-election Lease; exiting so that a restart rejoins as a standby")
+        }
+    }
 }

@@ -692,6 +692,13 @@ async fn reconcile_inner(p: &AnalyticsPipeline, ctx: &Context) -> Result<Action,
         }
     }
     apply(&run.api::<PodDisruptionBudget>(), &run.name, &resources::pdb(p)?).await?;
+    if resources::separate_api(p) {
+        // The query API in pods of its own (spec.api.separate): readers never share a process
+        // with ingestion.
+        let name = resources::api_name(p);
+        apply(&run.api::<Deployment>(), &name, &resources::api_deployment(p)?).await?;
+        apply(&run.api::<Service>(), &name, &resources::api_service(p)?).await?;
+    }
 
     if plan.capped && !run.old.max_replicas_capped {
         let note = format!(

@@ -23,6 +23,8 @@ use super::crd::{AnalyticsPipeline, AutoscalerKind, ReplicasSpec};
 pub const FIELD_MANAGER: &str = "nexus-analytics-operator";
 /// Container port of /metrics, /livez and /readyz (contract: METRICS_PORT, port name `metrics`).
 pub const METRICS_PORT: i32 = 9090;
+/// Container port of the query API (API_PORT, port name `api`).
+pub const API_PORT: i32 = 8080;
 /// Label holding the pipeline name on every owned object and pod.
 pub const INSTANCE_LABEL: &str = "app.kubernetes.io/instance";
 /// Consumer pods drain for up to SHUTDOWN_TIMEOUT_SECS (20 s by default); the grace period must exceed it.
@@ -204,6 +206,10 @@ pub fn deployment(p: &AnalyticsPipeline, replicas: Option<i32>) -> Result<Deploy
         json!({"name": "METRICS_PORT", "value": METRICS_PORT.to_string()}),
     ];
     env.push(json!({"name": "LOG_FORMAT", "value": "json"}));
+    if separate_api(p) {
+        // The API pods serve it.
+        env.push(json!({"name": "API_PORT", "value": "0"}));
+    }
     let mut container = json!({
         "name": "consumer",
         "image": s.image,
@@ -255,6 +261,89 @@ pub fn service(p: &AnalyticsPipeline) -> Result<Service, BuildError> {
             "spec": {
                 "selector": selector_labels(p, "consumer"),
                 "ports": [{"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"}],
+            },
+        }),
+    )
+}
+
+/// Whether the pipeline's query API runs in pods of its own (`spec.api.separate`).
+pub fn separate_api(p: &AnalyticsPipeline) -> bool {
+    p.spec.api.as_ref().is_some_and(|a| a.separate)
+}
+
+/// Name of the API Deployment and Service.
+pub fn api_name(p: &AnalyticsPipeline) -> String {
+    let mut base = p.name_any();
+    base.truncate(63 - "-api".len());
+    format!("{base}-api")
+}
+
+/// The API Deployment (`nexus-analytics api`): the query API only, ready when the database
+/// answers; built for `spec.api.separate`.
+pub fn api_deployment(p: &AnalyticsPipeline) -> Result<Deployment, BuildError> {
+    let s = &p.spec;
+    let (replicas, resources) = match &s.api {
+        Some(a) => (a.replicas, a.resources.as_ref()),
+        None => (2, None),
+    };
+    let mut container = json!({
+        "name": "api",
+        "image": s.image,
+        "args": ["api"],
+        "env": [
+            database_env(p),
+            {"name": "METRICS_PORT", "value": METRICS_PORT.to_string()},
+            {"name": "API_PORT", "value": API_PORT.to_string()},
+            {"name": "LOG_FORMAT", "value": "json"},
+        ],
+        "ports": [
+            {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+            {"name": "api", "containerPort": API_PORT, "protocol": "TCP"},
+        ],
+        "livenessProbe": {"httpGet": {"path": "/livez", "port": "metrics"}, "periodSeconds": 10, "failureThreshold": 3},
+        "readinessProbe": {"httpGet": {"path": "/readyz", "port": "metrics"}, "periodSeconds": 5, "failureThreshold": 2},
+        "securityContext": container_security_context(),
+    });
+    if let Some(r) = resources {
+        container["resources"] = json!({"requests": r.requests, "limits": r.limits});
+    }
+    typed(
+        "Deployment",
+        json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": metadata(p, &api_name(p), "api")?,
+            "spec": {
+                "replicas": replicas.max(0),
+                "selector": {"matchLabels": selector_labels(p, "api")},
+                "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+                "template": {
+                    "metadata": {"labels": labels(p, "api")},
+                    "spec": {
+                        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECS,
+                        "securityContext": pod_security_context(),
+                        "containers": [container],
+                    },
+                },
+            },
+        }),
+    )
+}
+
+/// The API Service: ports `api` and `metrics` of the API pods.
+pub fn api_service(p: &AnalyticsPipeline) -> Result<Service, BuildError> {
+    typed(
+        "Service",
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": metadata(p, &api_name(p), "api")?,
+            "spec": {
+                "selector": selector_labels(p, "api"),
+                "ports": [
+                    {"name": "api", "port": API_PORT, "targetPort": "api", "protocol": "TCP"},
+                    {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"},
+                ],
             },
         }),
     )
@@ -422,6 +511,10 @@ pub fn render_children(
         AutoscalerKind::Keda => to_value(scaled_object(p, plan)?),
     });
     docs.push(to_value(pdb(p)?));
+    if separate_api(p) {
+        docs.push(to_value(api_deployment(p)?));
+        docs.push(to_value(api_service(p)?));
+    }
     let mut out = String::new();
     for doc in docs {
         out.push_str("---\n");
@@ -587,6 +680,38 @@ pub(crate) mod tests {
             consumer_selector(&p),
             "app.kubernetes.io/component=consumer,app.kubernetes.io/instance=events,app.kubernetes.io/name=nexus-analytics"
         );
+    }
+
+    #[test]
+    fn separate_api_gets_its_own_deployment_and_service() {
+        let mut p = pipeline();
+        let consumer_env = |p: &AnalyticsPipeline| {
+            let d = serde_json::to_value(deployment(p, None).expect("builds")).expect("json");
+            d["spec"]["template"]["spec"]["containers"][0]["env"].clone()
+        };
+        assert!(!consumer_env(&p).as_array().unwrap().iter().any(|e| e["name"] == "API_PORT"));
+        assert!(!render_children(&p, Some(6)).unwrap().contains("nexus-analytics api"));
+        p.spec.api = serde_json::from_value(json!({"separate": true, "replicas": 3})).unwrap();
+        let env = consumer_env(&p);
+        assert!(env.as_array().unwrap().contains(&json!({"name": "API_PORT", "value": "0"})));
+
+        let d = serde_json::to_value(api_deployment(&p).expect("builds")).expect("json");
+        assert_eq!(d["metadata"]["name"], "events-api");
+        assert_eq!(d["spec"]["replicas"], 3);
+        let sel = json!(selector_labels(&p, "api"));
+        assert_eq!(d["spec"]["selector"]["matchLabels"], sel);
+        assert_ne!(sel, json!(selector_labels(&p, "consumer")));
+        let c = &d["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(c["args"], json!(["api"]));
+        assert!(
+            c["env"].as_array().unwrap().contains(&json!({"name": "API_PORT", "value": "8080"}))
+        );
+        assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+        let s = serde_json::to_value(api_service(&p).expect("builds")).expect("json");
+        assert_eq!(s["spec"]["selector"], sel);
+        assert_eq!(s["spec"]["ports"][0]["name"], "api");
+        let rendered = render_children(&p, Some(6)).unwrap();
+        assert!(rendered.contains("name: events-api"), "{rendered}");
     }
 
     #[test]

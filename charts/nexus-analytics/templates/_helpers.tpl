@@ -41,6 +41,51 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/component: consumer
 {{- end }}
 
+{{/* ------------------------------------------------------------ query API */}}
+
+{{/* "true" when the consumer pods serve the query API (api.enabled without api.deployment.enabled). */}}
+{{- define "nexus-analytics.apiInConsumer" -}}
+{{- if and .Values.api.enabled (not .Values.api.deployment.enabled) }}true{{ end }}
+{{- end }}
+
+{{/* "true" when the query API runs in its own pods (`nexus-analytics api`). */}}
+{{- define "nexus-analytics.apiPods" -}}
+{{- if and .Values.consumer.enabled .Values.api.enabled .Values.api.deployment.enabled }}true{{ end }}
+{{- end }}
+
+{{- define "nexus-analytics.apiName" -}}
+{{- printf "%s-api" (include "nexus-analytics.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Selector labels of the API pods (component "api": never matched by the consumer's selectors). */}}
+{{- define "nexus-analytics.apiSelectorLabels" -}}
+{{ include "nexus-analytics.baseSelectorLabels" . }}
+app.kubernetes.io/component: api
+{{- end }}
+
+{{/* API_TOKEN and API_DATABASE_URL from the Secret, for whichever pods serve the API. */}}
+{{- define "nexus-analytics.apiSecretEnv" -}}
+{{- $v := .Values }}
+{{- if $v.api.requireToken }}
+- name: API_TOKEN
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "nexus-analytics.secretName" . }}
+      key: {{ $v.secretKeys.apiToken }}
+{{- end }}
+{{- if or $v.existingSecret $v.api.databaseUrl }}
+- name: API_DATABASE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "nexus-analytics.secretName" . }}
+      key: {{ $v.secretKeys.apiDatabaseUrl }}
+      {{- if $v.existingSecret }}
+      # Without this key the API reads with DATABASE_URL.
+      optional: true
+      {{- end }}
+{{- end }}
+{{- end }}
+
 {{- define "nexus-analytics.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "nexus-analytics.fullname" .) .Values.serviceAccount.name }}
@@ -55,11 +100,7 @@ app.kubernetes.io/component: consumer
 {{- end }}
 
 {{- define "nexus-analytics.image" -}}
-{{- if .Values.image.digest }}
-{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
-{{- else }}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
-{{- end }}
+{{- include "nexus-analytics.imageRef" (dict "global" .Values.global "image" .Values.image "defaultTag" .Chart.AppVersion) }}
 {{- end }}
 
 {{- define "nexus-analytics.kafkaTls" -}}
@@ -121,6 +162,12 @@ one clear message per problem.
 {{- if and $v.api.requireToken (not $v.existingSecret) (not $v.api.token) }}
 {{- fail "api.enabled with api.requireToken needs api.token (or existingSecret holding secretKeys.apiToken); set api.requireToken=false to serve the API without authentication." }}
 {{- end }}
+{{- end }}
+{{- if and $v.api.deployment.enabled (not $v.api.enabled) }}
+{{- fail "api.deployment.enabled needs api.enabled (the API pods serve the query API)." }}
+{{- end }}
+{{- if and $v.api.deployment.autoscaling.enabled (gt (int $v.api.deployment.autoscaling.minReplicas) (int $v.api.deployment.autoscaling.maxReplicas)) }}
+{{- fail (printf "api.deployment.autoscaling.minReplicas (%d) exceeds api.deployment.autoscaling.maxReplicas (%d)." (int $v.api.deployment.autoscaling.minReplicas) (int $v.api.deployment.autoscaling.maxReplicas)) }}
 {{- end }}
 {{- if and $v.api.token (not $v.api.requireToken) }}
 {{- fail "api.token is set but api.requireToken is false: the token would not be used." }}
@@ -215,5 +262,179 @@ ClusterRoleBinding, so it needs no rule here (and a Role could not hold one).
 {{- end }}
 {{- if and $v.operator.samplePipeline.enabled (not $v.operator.enabled) }}
 {{- fail "operator.samplePipeline.enabled needs operator.enabled (nothing would reconcile the sample AnalyticsPipeline)." }}
+{{- end }}
+{{- end }}
+
+{{/* ------------------------------------------------ production platforms */}}
+
+{{/*
+Image reference: [global.imageRegistry/]repository then @digest, else :tag (defaultTag when
+empty). Argument: dict global, image ({repository, tag, digest}), defaultTag.
+*/}}
+{{- define "nexus-analytics.imageRef" -}}
+{{- $repo := .image.repository }}
+{{- with (.global | default dict).imageRegistry }}
+{{- $repo = printf "%s/%s" (trimSuffix "/" .) $repo }}
+{{- end }}
+{{- if .image.digest }}
+{{- printf "%s@%s" $repo .image.digest }}
+{{- else }}
+{{- printf "%s:%s" $repo (default .defaultTag .image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* Mount points of the TLS material (kafka-ca keeps its original path). */}}
+{{- define "nexus-analytics.kafkaCaDir" -}}/etc/nexus-analytics/kafka-ca{{- end }}
+{{- define "nexus-analytics.kafkaClientDir" -}}/etc/nexus-analytics/kafka-client{{- end }}
+{{- define "nexus-analytics.postgresTlsDir" -}}/etc/nexus-analytics/postgres-tls{{- end }}
+
+{{/*
+Environment of PostgreSQL TLS (database.tls): sqlx's PgConnectOptions reads PGSSLROOTCERT,
+PGSSLCERT, PGSSLKEY and PGSSLMODE from the environment before the URL's query parameters
+(sslrootcert, sslcert, sslkey, sslmode), which win. Used by the consumer, the migration Job
+and any other pod that connects to the database.
+*/}}
+{{- define "nexus-analytics.postgresTlsEnv" -}}
+{{- $t := .Values.database.tls }}
+{{- $dir := include "nexus-analytics.postgresTlsDir" . }}
+{{- if $t.secret }}
+{{- with $t.caKey }}
+- name: PGSSLROOTCERT
+  value: {{ printf "%s/%s" $dir . | quote }}
+{{- end }}
+{{- if $t.certKey }}
+- name: PGSSLCERT
+  value: {{ printf "%s/%s" $dir $t.certKey | quote }}
+- name: PGSSLKEY
+  value: {{ printf "%s/%s" $dir $t.keyKey | quote }}
+{{- end }}
+{{- end }}
+{{- with $t.sslMode }}
+- name: PGSSLMODE
+  value: {{ . | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+Volume mounts of the TLS Secrets: dict (root, kafka: whether the pod talks to Kafka).
+extraVolumeMounts are added by the callers.
+*/}}
+{{- define "nexus-analytics.tlsVolumeMounts" -}}
+{{- $v := .root.Values }}
+{{- if and .kafka $v.kafka.tls.caSecret }}
+- name: kafka-ca
+  mountPath: {{ include "nexus-analytics.kafkaCaDir" .root }}
+  readOnly: true
+{{- end }}
+{{- if and .kafka $v.kafka.tls.clientSecret }}
+- name: kafka-client
+  mountPath: {{ include "nexus-analytics.kafkaClientDir" .root }}
+  readOnly: true
+{{- end }}
+{{- if $v.database.tls.secret }}
+- name: postgres-tls
+  mountPath: {{ include "nexus-analytics.postgresTlsDir" .root }}
+  readOnly: true
+{{- end }}
+{{- end }}
+
+{{/*
+Volumes of the TLS Secrets: dict (root, kafka). Only the named keys are projected; the
+client keys get mode 0440 (288): root-owned, group fsGroup, so the non-root user reads them.
+*/}}
+{{- define "nexus-analytics.tlsVolumes" -}}
+{{- $v := .root.Values }}
+{{- $k := $v.kafka.tls }}
+{{- if and .kafka $k.caSecret }}
+- name: kafka-ca
+  secret:
+    secretName: {{ $k.caSecret }}
+    items:
+      - key: {{ $k.caKey }}
+        path: {{ $k.caKey }}
+{{- end }}
+{{- if and .kafka $k.clientSecret }}
+- name: kafka-client
+  secret:
+    secretName: {{ $k.clientSecret }}
+    defaultMode: 288
+    items:
+      - key: {{ $k.certKey }}
+        path: {{ $k.certKey }}
+      - key: {{ $k.keyKey }}
+        path: {{ $k.keyKey }}
+{{- end }}
+{{- $p := $v.database.tls }}
+{{- if $p.secret }}
+- name: postgres-tls
+  secret:
+    secretName: {{ $p.secret }}
+    defaultMode: 288
+    items:
+      {{- range compact (list $p.caKey $p.certKey $p.keyKey) }}
+      - key: {{ . }}
+        path: {{ . }}
+      {{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Whether an alert of the PrometheusRule is rendered: list (root context, alert name). */}}
+{{- define "nexus-analytics.alertEnabled" -}}
+{{- $root := index . 0 }}
+{{- $a := get ($root.Values.prometheusRule.alerts | default dict) (index . 1) | default dict }}
+{{- if ne (toString (get $a "enabled")) "false" }}true{{ end }}
+{{- end }}
+
+{{/*
+labels: and annotations: of one alert: list (root, name, severity, annotations dict). Order of
+precedence: the chart's (severity, summary, description, runbook_url) < additionalAlertLabels /
+additionalAlertAnnotations < prometheusRule.alerts.<name>.labels / annotations.
+*/}}
+{{- define "nexus-analytics.alertMeta" -}}
+{{- $root := index . 0 }}
+{{- $name := index . 1 }}
+{{- $r := $root.Values.prometheusRule }}
+{{- $a := get ($r.alerts | default dict) $name | default dict }}
+{{- $labels := merge (deepCopy (get $a "labels" | default dict)) (deepCopy ($r.additionalAlertLabels | default dict)) (dict "severity" (index . 2)) }}
+{{- $ann := deepCopy (index . 3) }}
+{{- with $r.runbookBaseUrl }}
+{{- $_ := set $ann "runbook_url" (printf "%s/%s.md" (trimSuffix "/" .) $name) }}
+{{- end }}
+{{- $ann = merge (deepCopy (get $a "annotations" | default dict)) (deepCopy ($r.additionalAlertAnnotations | default dict)) $ann }}
+labels:
+{{- range $k, $val := $labels }}
+  {{ $k }}: {{ $val | toString | quote }}
+{{- end }}
+annotations:
+{{- range $k, $val := $ann }}
+  {{ $k }}: {{ $val | toString | quote }}
+{{- end }}
+{{- end }}
+
+{{/* Checks of the TLS and extra values (rendered with the consumer Deployment). */}}
+{{- define "nexus-analytics.validateProduction" -}}
+{{- $v := .Values }}
+{{- $k := $v.kafka.tls }}
+{{- if and (or $k.caSecret $k.clientSecret) (not (include "nexus-analytics.kafkaTls" .)) }}
+{{- fail (printf "kafka.tls.caSecret/clientSecret need kafka.securityProtocol SSL or SASL_SSL (it is %q): librdkafka would ignore the certificates." $v.kafka.securityProtocol) }}
+{{- end }}
+{{- if and $k.keyPasswordKey (not $k.clientSecret) }}
+{{- fail "kafka.tls.keyPasswordKey needs kafka.tls.clientSecret (the Secret holding the key and its passphrase)." }}
+{{- end }}
+{{- $p := $v.database.tls }}
+{{- if ne (not $p.certKey) (not $p.keyKey) }}
+{{- fail "database.tls.certKey and database.tls.keyKey must be set together (sqlx: a client certificate needs its key)." }}
+{{- end }}
+{{- if and $p.certKey (not $p.secret) }}
+{{- fail "database.tls.certKey/keyKey need database.tls.secret (the Secret holding the files)." }}
+{{- end }}
+{{- if $v.prometheusRule.enabled }}
+{{- $on := 0 }}
+{{- range $name, $a := $v.prometheusRule.alerts }}
+{{- if include "nexus-analytics.alertEnabled" (list $ $name) }}{{ $on = add1 $on }}{{ end }}
+{{- end }}
+{{- if eq (int $on) 0 }}
+{{- fail "prometheusRule.alerts disables every alert: set prometheusRule.enabled=false instead (a rule group needs a rule)." }}
+{{- end }}
 {{- end }}
 {{- end }}
