@@ -12,21 +12,29 @@ PROM_OPERATOR_VERSION="v0.93.0" # the CRD schemas in ../shared/schemas are v0.93
 PROM_ADAPTER_VERSION="v0.12.0"
 SKAFFOLD_VERSION="v2.16.1"
 KEDA_VERSION="v2.20.2" # the ScaledObject schema in ../shared/schemas is v2.20.2
+# Debian's prometheus 2.42 is built without kubernetes_sd_configs ("field
+# kubernetes_sd_configs not found"), which every config the operator generates uses.
+# v0.313.1 is Prometheus v3.13.1 (LTS): the module prometheus-operator v0.93.0 builds
+# against and its default Prometheus version. Built without the embedded web UI
+# (the HTTP API, which the tests use, is complete).
+PROMETHEUS_VERSION="v0.313.1"
+PROMETHEUS_RELEASE="3.13.1"
 
 AUTOSCALE_CACHE="$NEXUS_CACHE/autoscale"
 AUTOSCALE_BIN="$AUTOSCALE_CACHE/bin"
 AUTOSCALE_BUILD_LOG="$AUTOSCALE_CACHE/build-times.log"
 
-# name|module|version|package
+# name|module|version|package[|extra ldflags]
 AUTOSCALE_TOOLS=(
     "prometheus-operator|github.com/prometheus-operator/prometheus-operator|$PROM_OPERATOR_VERSION|cmd/operator"
+    "prometheus|github.com/prometheus/prometheus|$PROMETHEUS_VERSION|cmd/prometheus|-X github.com/prometheus/common/version.Version=$PROMETHEUS_RELEASE"
     "prometheus-adapter|sigs.k8s.io/prometheus-adapter|$PROM_ADAPTER_VERSION|cmd/adapter"
     "skaffold|github.com/GoogleContainerTools/skaffold/v2|$SKAFFOLD_VERSION|cmd/skaffold"
     "keda-operator|github.com/kedacore/keda/v2|$KEDA_VERSION|cmd/operator"
     "keda-adapter|github.com/kedacore/keda/v2|$KEDA_VERSION|cmd/adapter"
 )
 
-_as_field() { local IFS='|'; read -r -a _f <<<"$1"; printf '%s\n' "${_f[$2]}"; }
+_as_field() { local IFS='|'; read -r -a _f <<<"$1"; printf '%s\n' "${_f[$2]:-}"; }
 
 autoscale_tool_ok() {
     local name=$1 version=$2 stamp="$AUTOSCALE_BIN/.$1.version"
@@ -57,7 +65,7 @@ _as_replaces() {
 }
 
 _as_build() {
-    local name=$1 module=$2 version=$3 pkg=$4
+    local name=$1 module=$2 version=$3 pkg=$4 ldflags="-s -w ${5:-}"
     local dir="$AUTOSCALE_CACHE/src/$name" start tfile out rc=0
     mkdir -p "$dir"
     if [[ ! -f "$dir/go.mod" ]] || ! grep -q "^require $module $version\$" "$dir/go.mod"; then
@@ -73,7 +81,7 @@ _as_build() {
     start=$(now_ms)
     log "autoscale-tools: building $name $version ($module/$pkg; minutes on a cold cache)"
     (cd "$dir" && GOTOOLCHAIN=local GOFLAGS=-mod=mod CGO_ENABLED=0 \
-        /usr/bin/time -f '%e %M' -o "$tfile" nice -n 10 go build -trimpath -ldflags="-s -w" \
+        /usr/bin/time -f '%e %M' -o "$tfile" nice -n 10 go build -trimpath -ldflags="$ldflags" \
         -o "$AUTOSCALE_BIN/$name" "$module/$pkg") >&2 || rc=$?
     out="$(<"$tfile")"
     rm -f "$tfile"
@@ -87,17 +95,18 @@ _as_build() {
 # install_autoscale_tools: build what is missing (KEDA last: the largest tree), link
 # every built binary into .tools/bin; fails naming the tools that did not build.
 install_autoscale_tools() {
-    local t name module version pkg failed=()
+    local t name module version pkg extra failed=()
     have go || die "autoscale-tools: go not found"
     [[ -x /usr/bin/time ]] || apt_ensure time
     mkdir -p "$AUTOSCALE_BIN" "$TOOLS_BIN"
     for t in "${AUTOSCALE_TOOLS[@]}"; do
         name=$(_as_field "$t" 0) module=$(_as_field "$t" 1) version=$(_as_field "$t" 2) pkg=$(_as_field "$t" 3)
+        extra=$(_as_field "$t" 4)
         if ! autoscale_tool_ok "$name" "$version"; then
-            _as_build "$name" "$module" "$version" "$pkg" || { failed+=("$name"); continue; }
+            _as_build "$name" "$module" "$version" "$pkg" "$extra" || { failed+=("$name"); continue; }
         fi
         ln -sfn "$AUTOSCALE_BIN/$name" "$TOOLS_BIN/$name"
     done
     ((${#failed[@]} == 0)) || die "autoscale-tools: not built: ${failed[*]} (see $AUTOSCALE_BUILD_LOG)"
-    ok "autoscale-tools: prometheus-operator $PROM_OPERATOR_VERSION, prometheus-adapter $PROM_ADAPTER_VERSION, skaffold $SKAFFOLD_VERSION, keda $KEDA_VERSION ($AUTOSCALE_BIN)"
+    ok "autoscale-tools: prometheus-operator $PROM_OPERATOR_VERSION, prometheus $PROMETHEUS_RELEASE, prometheus-adapter $PROM_ADAPTER_VERSION, skaffold $SKAFFOLD_VERSION, keda $KEDA_VERSION ($AUTOSCALE_BIN)"
 }
