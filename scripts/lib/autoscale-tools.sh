@@ -92,6 +92,22 @@ _as_build() {
     ok "autoscale-tools: $name built in $(since "$start") (peak RSS $(((${out##* } + 1023) / 1024)) MiB)"
 }
 
+# The operator's CRDs at the pinned version, copied out of its module (the e2e test
+# applies them with server-side apply: the Prometheus CRD is too large for client-side).
+PROM_OPERATOR_CRDS="$AUTOSCALE_CACHE/prometheus-operator-crd-$PROM_OPERATOR_VERSION"
+_as_operator_crds() {
+    [[ -f "$PROM_OPERATOR_CRDS/.complete" ]] && return 0
+    local src
+    src="$(cd "$AUTOSCALE_CACHE/src/prometheus-operator" && GOTOOLCHAIN=local GOFLAGS=-mod=mod \
+        go list -m -f '{{.Dir}}' github.com/prometheus-operator/prometheus-operator)"
+    [[ -d "$src/example/prometheus-operator-crd" ]] || die "autoscale-tools: no CRDs in $src"
+    rm -rf "$PROM_OPERATOR_CRDS"
+    mkdir -p "$PROM_OPERATOR_CRDS"
+    cp "$src/example/prometheus-operator-crd/"*.yaml "$PROM_OPERATOR_CRDS/"
+    chmod -R u+w "$PROM_OPERATOR_CRDS"
+    touch "$PROM_OPERATOR_CRDS/.complete"
+}
+
 # install_autoscale_tools: build what is missing (KEDA last: the largest tree), link
 # every built binary into .tools/bin; fails naming the tools that did not build.
 install_autoscale_tools() {
@@ -107,6 +123,7 @@ install_autoscale_tools() {
         fi
         ln -sfn "$AUTOSCALE_BIN/$name" "$TOOLS_BIN/$name"
     done
+    [[ -d "$AUTOSCALE_CACHE/src/prometheus-operator" ]] && _as_operator_crds
     ((${#failed[@]} == 0)) || die "autoscale-tools: not built: ${failed[*]} (see $AUTOSCALE_BUILD_LOG)"
     ok "autoscale-tools: prometheus-operator $PROM_OPERATOR_VERSION, prometheus $PROMETHEUS_RELEASE, prometheus-adapter $PROM_ADAPTER_VERSION, skaffold $SKAFFOLD_VERSION, keda $KEDA_VERSION ($AUTOSCALE_BIN)"
 }
