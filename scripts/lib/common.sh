@@ -14,10 +14,10 @@ export ROOT TOOLS_DIR TOOLS_BIN VENV_DIR RUN_DIR
 # shellcheck disable=SC2034
 {
 KAFKA_HOST=127.0.0.1
-KAFKA_PORT=9092
+KAFKA_PORT="${NEXUS_KAFKA_PORT:-9092}" # override to run a second checkout's broker beside the first
 PG_HOST=127.0.0.1
 PG_PORT="${NEXUS_PG_PORT:-5432}" # override only to test these scripts
-METRICS_PORT_LOCAL=9090
+METRICS_PORT_LOCAL="${NEXUS_METRICS_PORT:-9090}"
 DEV_DATABASE_URL="postgres://nexus:nexus@${PG_HOST}:${PG_PORT}/nexus_analytics"
 DEV_KAFKA_BROKERS="${KAFKA_HOST}:${KAFKA_PORT}"
 }
