@@ -156,7 +156,35 @@ fn committed_offsets(
             all.add_partition(topic, p);
         }
     }
-    c.committed_offsets(all, TIMEOUT).map_err(kafka(format!("committed offsets of group {group}")))
+    // A coordinator that is moving (a broker failed over) or still loading its offsets
+    // partition (the first group on a new cluster creates __consumer_offsets) answers with a
+    // retriable error for a moment.
+    let mut attempt = 0;
+    loop {
+        match c.committed_offsets(all.clone(), TIMEOUT) {
+            Err(e) if attempt < COORDINATOR_RETRIES && coordinator_moving(&e) => {
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            other => {
+                return other.map_err(kafka(format!("committed offsets of group {group}")));
+            }
+        }
+    }
+}
+
+/// How often a committed-offsets read is retried while the group's coordinator moves.
+const COORDINATOR_RETRIES: u32 = 20;
+
+fn coordinator_moving(e: &KafkaError) -> bool {
+    matches!(
+        e.rdkafka_error_code(),
+        Some(
+            RDKafkaErrorCode::NotCoordinator
+                | RDKafkaErrorCode::CoordinatorLoadInProgress
+                | RDKafkaErrorCode::CoordinatorNotAvailable
+        )
+    )
 }
 
 /// Records `group` still has to consume on `topics`: per partition, high watermark minus the

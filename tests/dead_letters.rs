@@ -150,7 +150,6 @@ fn malformed_records_are_dead_lettered_and_neighbours_stored() {
 /// not PostgreSQL. Creating the topic lets it resume by itself: the letter is delivered once and
 /// every good record is stored once.
 #[test]
-#[ignore = "needs Apache Kafka with auto.create.topics.enable=false (tansu creates topics on produce)"]
 fn an_unwritable_dead_letter_topic_is_reported_as_such_and_recovers() {
     let broker = Broker::start_with(&[("auto.create.topics.enable", "false")]);
     let topic = unique("events");

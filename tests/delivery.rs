@@ -1,5 +1,6 @@
-//! The delivery contract against a real broker (tansu) and a real PostgreSQL: every event
-//! stored exactly once through restarts, crashes, outages, shutdowns and rebalances.
+//! The delivery contract against Apache Kafka and a real PostgreSQL: every event stored exactly
+//! once through restarts, crashes, outages, shutdowns and rebalances. Broker crashes and
+//! failover are in broker_faults.rs.
 
 mod common;
 

@@ -1,5 +1,5 @@
 //! Observability with real clients: a real Prometheus server scrapes the service, promtool
-//! checks the exposition, lag is exact against librdkafka's mock cluster, and spans reach an
+//! checks the exposition, lag is exact against Apache Kafka's watermarks, and spans reach an
 //! OTLP/HTTP endpoint with links to the producers' traces.
 
 mod common;
@@ -12,7 +12,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::*;
-use rdkafka::mocking::MockCluster;
 
 fn tool(env: &str, name: &str) -> PathBuf {
     let path = std::env::var_os(env)
@@ -150,20 +149,18 @@ fn promtool_accepts_the_live_exposition() {
 
 #[test]
 fn lag_equals_unconsumed_events_and_drains_to_zero() {
-    // The mock cluster's watermarks and committed offsets are exact; it listens on loopback,
-    // so the service process connects to it like to any broker.
-    let cluster = MockCluster::new(1).expect("mock cluster");
+    // Kafka's watermarks (ListOffsets and Fetch) and committed offsets are exact.
+    let broker = Broker::start();
     let topic = unique("events");
-    cluster.create_topic(&topic, 3, 1).expect("topic");
-    cluster.create_topic(&format!("{topic}.dlq"), 1, 1).expect("dlq topic");
-    let bootstrap = cluster.bootstrap_servers();
+    broker.create_topic(&topic, 3);
+    broker.create_topic(&format!("{topic}.dlq"), 1);
+    let bootstrap = broker.bootstrap();
     let produced = produce_demo(&bootstrap, &topic, 3000, 0, 13) as i64;
 
     // Hide the table: writes fail, the consumer pauses, nothing is committed.
     let db = TestDb::create();
     run_sql(&db.url, "ALTER TABLE analytics.events RENAME TO events_hidden");
-    let svc =
-        Service::consuming(&bootstrap, &topic, &db.url, &[("KAFKA_SESSION_TIMEOUT_MS", "4000")]);
+    let svc = Service::consuming(&bootstrap, &topic, &db.url, &[]);
     let full = wait_until(Duration::from_secs(40), || {
         svc.metric("analytics_consumer_instance_lag") == Some(produced as f64)
     });

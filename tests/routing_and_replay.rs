@@ -128,8 +128,8 @@ fn replay_is_refused_with_a_live_member_and_reconsumes_without_duplicates_when_a
     assert!(refused.contains("active member"), "{refused}");
 
     assert_eq!(svc.sigterm(Duration::from_secs(30)).and_then(|s| s.code()), Some(0));
-    // A broker may list a departed member until its session expires (tansu also lists the
-    // replay tool's own short-lived client for a moment): retry while refused.
+    // The coordinator may list a departed member for a moment after it left: retry while
+    // refused.
     let mut out = String::new();
     let dry = wait_until(Duration::from_secs(40), || {
         let (code, text) = replay(&["--dry-run"]);

@@ -1,8 +1,10 @@
-//! Test helpers that start real things: a private tansu broker per test, a fresh database per
-//! test on the local PostgreSQL (or a private PostgreSQL cluster for outage tests), and the
-//! real `nexus-analytics` binary as a child process.
+//! Test helpers that start real things: Apache Kafka (the shared broker with unique topic and
+//! group names per test, or a private broker or three-node cluster for fault tests), a fresh
+//! database per test on the local PostgreSQL (or a private PostgreSQL cluster for outage
+//! tests), and the real `nexus-analytics` binary as a child process.
 //!
-//! Environment (set by `scripts/test`): `TANSU_BIN`, `TEST_DATABASE_URL` (an admin URL that may
+//! Environment (set by `scripts/test`): `TEST_KAFKA_BROKERS` (the shared broker), `KAFKA_LIBS`
+//! (Kafka's jars, read by `scripts/kafka node`), `TEST_DATABASE_URL` (an admin URL that may
 //! create databases), `PG_BIN_DIR` (initdb, pg_ctl).
 #![allow(dead_code)]
 
@@ -84,108 +86,217 @@ fn unsafe_signal(pid: u32, signal: &str) {
     let _ = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status();
 }
 
-// ------------------------------------------------------------------------------------ broker
+// ------------------------------------------------------------------------------------ kafka
 
-/// A private tansu broker (Kafka protocol) on a free loopback port, with in-memory storage.
-pub struct Broker {
-    child: Option<Child>,
-    /// The port clients use (the proxy's, when the broker sits behind one).
-    pub port: u16,
-    /// The port the broker itself listens on.
-    listen_port: u16,
-    proxy: Option<Proxy>,
-    log: PathBuf,
+/// The shared Apache Kafka that `scripts/services up` runs (`TEST_KAFKA_BROKERS`, by default
+/// 127.0.0.1:9092). Tests on it isolate themselves by unique topic and group names.
+fn shared_bootstrap() -> String {
+    let bootstrap =
+        std::env::var("TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:9092".to_string());
+    let reachable = bootstrap.split(',').any(|hp| {
+        hp.parse::<std::net::SocketAddr>()
+            .is_ok_and(|a| TcpStream::connect_timeout(&a, Duration::from_secs(1)).is_ok())
+    });
+    assert!(
+        reachable,
+        "no Kafka at TEST_KAFKA_BROKERS={bootstrap} (run the tests with scripts/test, or start \
+         the broker with scripts/services up)"
+    );
+    bootstrap
 }
 
-fn tansu_bin() -> PathBuf {
-    let bin = std::env::var_os("TANSU_BIN")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| repo_root().join(".tools/bin/tansu"));
-    assert!(
-        bin.exists(),
-        "tansu not found at {} (run scripts/install-tools broker)",
-        bin.display()
-    );
-    bin
+/// One Apache Kafka node (combined broker + controller), started through `scripts/kafka node`,
+/// which formats its storage on first use and then execs the JVM, so `child` is the JVM itself.
+struct KafkaNode {
+    id: i32,
+    /// Client listener.
+    port: u16,
+    /// The node's directory (server.properties, data/): it survives kill and restart.
+    dir: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+impl KafkaNode {
+    fn new(id: i32, port: u16, dir: PathBuf, args: Vec<String>) -> Self {
+        let log = log_dir().join(format!("{}.log", unique(&format!("kafka-node{id}"))));
+        Self { id, port, dir, args, log, child: None }
+    }
+
+    /// Starts the JVM (without waiting for it to serve).
+    fn spawn(&mut self) {
+        use std::os::unix::process::CommandExt;
+        assert!(self.child.is_none(), "node {} is running", self.id);
+        let log =
+            std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("log");
+        writeln!(&log, "==== test harness: node start").expect("log");
+        let mut cmd = Command::new(repo_root().join("scripts/kafka"));
+        cmd.arg("node").arg("--dir").arg(&self.dir).args(&self.args);
+        cmd.stdin(Stdio::null()).stdout(log.try_clone().expect("log")).stderr(log);
+        // SAFETY: prctl is async-signal-safe. The JVM dies with the test process, even when
+        // the test runner kills it without running destructors.
+        unsafe {
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        self.child = Some(cmd.spawn().expect("cannot run scripts/kafka node"));
+    }
+
+    /// Waits until the node logged "Kafka Server started" (since its last start) and listens.
+    fn wait_serving(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let this_run = log.rsplit("==== test harness: node start").next().unwrap_or_default();
+            if this_run.contains("Kafka Server started") && port_open(self.port) {
+                return;
+            }
+            let exited = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten());
+            let tail: Vec<&str> = this_run.lines().rev().take(30).collect();
+            assert!(
+                exited.is_none(),
+                "Kafka node {} exited during startup ({exited:?}); log {}:\n{}",
+                self.id,
+                self.log.display(),
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+            assert!(
+                Instant::now() < deadline,
+                "Kafka node {} not serving after {timeout:?}; log {}",
+                self.id,
+                self.log.display()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGKILL and reap: no controlled shutdown, the log is recovered at the next start.
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+impl Drop for KafkaNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// `n` distinct free loopback ports (the listeners are held until all are chosen).
+pub fn free_ports(n: usize) -> Vec<u16> {
+    let held: Vec<TcpListener> =
+        (0..n).map(|_| TcpListener::bind("127.0.0.1:0").expect("no free port")).collect();
+    held.iter().map(|l| l.local_addr().expect("addr").port()).collect()
+}
+
+/// How long a node gets to start (JVM start on a busy 2-core machine).
+const NODE_START: Duration = Duration::from_secs(120);
+
+/// A Kafka broker for one test: the shared broker (`Broker::start`), or a private single-node
+/// Apache Kafka on free ports with its own data directory (`Broker::private`,
+/// `Broker::start_behind_proxy`) for tests that kill, restart or cut off the broker.
+pub struct Broker {
+    /// The port clients use (the proxy's, when the broker sits behind one).
+    pub port: u16,
+    bootstrap: String,
+    node: Option<KafkaNode>,
+    proxy: Option<Proxy>,
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl Broker {
-    /// Starts a broker and waits until it accepts connections.
+    /// The shared broker: topics and groups are per test (unique names), so tests run side by
+    /// side on one JVM. It cannot be killed or cut off; use `private` for that.
     pub fn start() -> Self {
-        let port = free_port();
-        let log = log_dir().join(format!("{}.log", unique("tansu")));
-        let mut broker = Self { child: None, port, listen_port: port, proxy: None, log };
-        broker.spawn();
-        broker
+        let bootstrap = shared_bootstrap();
+        let port = bootstrap
+            .split(',')
+            .next()
+            .and_then(|hp| hp.rsplit(':').next())
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(9092);
+        Self { port, bootstrap, node: None, proxy: None, _dir: None }
     }
 
-    /// Starts a broker with extra broker settings, e.g. `("auto.create.topics.enable", "false")`.
-    /// tansu has no such settings: only Apache Kafka honours them (until the harness moves to
-    /// it, tests using this are ignored).
+    /// A private broker on free ports (a JVM of its own: takes seconds to start).
+    pub fn private() -> Self {
+        Self::private_with(&[])
+    }
+
+    /// A private broker with extra broker settings, e.g. `("auto.create.topics.enable", "true")`.
     pub fn start_with(settings: &[(&str, &str)]) -> Self {
-        assert!(settings.is_empty(), "tansu takes no broker settings: {settings:?}");
-        Self::start()
+        Self::private_with(settings)
     }
 
-    /// Starts a broker that clients reach only through a TCP proxy (it advertises the proxy's
+    /// A private broker with extra broker settings (`key`, `value`).
+    pub fn private_with(settings: &[(&str, &str)]) -> Self {
+        let ports = free_ports(2);
+        Self::spawn_private(ports[0], ports[0], ports[1], settings)
+    }
+
+    /// A private broker that clients reach only through a TCP proxy (it advertises the proxy's
     /// address), so a test can cut every connection and refuse new ones while the broker keeps
-    /// its topics, offsets and topic ids — a network outage as clients see it.
+    /// running — a network outage as clients see it.
     pub fn start_behind_proxy() -> Self {
-        let listen_port = free_port();
-        let port = free_port();
-        let log = log_dir().join(format!("{}.log", unique("tansu")));
-        let mut broker = Self { child: None, port, listen_port, proxy: None, log };
-        broker.spawn();
+        let ports = free_ports(3);
+        let (listen_port, port) = (ports[0], ports[1]);
+        let mut broker = Self::spawn_private(listen_port, port, ports[2], &[]);
         broker.proxy = Some(Proxy::start(port, listen_port));
         broker
     }
 
-    fn spawn(&mut self) {
-        let listen = format!("tcp://127.0.0.1:{}", self.listen_port);
-        let advertised = format!("tcp://127.0.0.1:{}", self.port);
-        let log = std::fs::File::create(&self.log).expect("tansu log");
-        let child = Command::new(tansu_bin())
-            .args(["broker", "--listener-url", &listen, "--advertised-listener-url", &advertised])
-            .args(["--storage-engine", "memory://tansu/"])
-            // tansu reads these as defaults for its own flags.
-            .env_remove("LISTENER_URL")
-            .env_remove("ADVERTISED_LISTENER_URL")
-            .env_remove("STORAGE_ENGINE")
-            .env_remove("CLUSTER_ID")
-            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("cannot start tansu");
-        self.child = Some(child);
-        assert!(
-            wait_until(Duration::from_secs(10), || port_open(self.listen_port)),
-            "tansu did not listen"
-        );
+    fn spawn_private(
+        listen_port: u16,
+        advertised: u16,
+        controller: u16,
+        settings: &[(&str, &str)],
+    ) -> Self {
+        let dir = tempfile::Builder::new().prefix("na-kafka").tempdir().expect("tempdir");
+        let mut args: Vec<String> = vec![
+            "--port".into(),
+            listen_port.to_string(),
+            "--controller-port".into(),
+            controller.to_string(),
+            "--advertised-port".into(),
+            advertised.to_string(),
+        ];
+        for (k, v) in settings {
+            args.push("--set".into());
+            args.push(format!("{k}={v}"));
+        }
+        let mut node = KafkaNode::new(1, listen_port, dir.path().join("node1"), args);
+        node.spawn();
+        node.wait_serving(NODE_START);
+        Self {
+            port: advertised,
+            bootstrap: format!("127.0.0.1:{advertised}"),
+            node: Some(node),
+            proxy: None,
+            _dir: Some(dir),
+        }
     }
 
     /// `host:port` for clients.
     pub fn bootstrap(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
+        self.bootstrap.clone()
     }
 
-    /// Creates a topic with the broker's own CLI.
+    /// Creates a topic (AdminClient) and waits until every partition has a leader.
     pub fn create_topic(&self, name: &str, partitions: u32) {
-        let status = Command::new(tansu_bin())
-            .args(["topic", "create", "--broker", &format!("tcp://127.0.0.1:{}", self.port)])
-            .args(["--partitions", &partitions.to_string(), name])
-            .stdout(Stdio::null())
-            .status()
-            .expect("tansu topic create");
-        assert!(status.success(), "cannot create topic {name}");
+        create_topic(&self.bootstrap, name, partitions, 1);
     }
 
     /// Cuts every client connection and refuses new ones (needs `start_behind_proxy`).
-    ///
-    /// Why not kill and restart tansu: its memory storage comes back empty, topics get new ids,
-    /// and tansu then answers fetches for the old id with a zero topic id plus a leader-change
-    /// tag, on which librdkafka 2.12.1 dereferences a null topic name (SIGSEGV in
-    /// `rd_kafka_metadata_update_op`). Real Kafka keeps topic ids across restarts.
     pub fn disconnect(&mut self) {
         self.proxy.as_mut().expect("broker not behind a proxy").stop();
     }
@@ -196,12 +307,31 @@ impl Broker {
         proxy.resume();
     }
 
-    /// Kills the broker (SIGKILL) and waits for it to exit.
+    fn node(&mut self) -> &mut KafkaNode {
+        self.node.as_mut().expect("the shared broker cannot be killed: use Broker::private()")
+    }
+
+    /// Kills the broker process (SIGKILL) and waits for it to exit; its data stays.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        self.node().kill();
+    }
+
+    /// Starts the broker again on the same ports and data directory; waits until it serves.
+    pub fn restart(&mut self) {
+        let node = self.node();
+        node.kill();
+        node.spawn();
+        node.wait_serving(NODE_START);
+    }
+
+    /// Starts the broker again after `kill` without waiting (the caller measures recovery).
+    pub fn spawn_again(&mut self) {
+        self.node().spawn();
+    }
+
+    /// Waits until a restarted broker serves again.
+    pub fn wait_serving(&mut self) {
+        self.node().wait_serving(NODE_START);
     }
 }
 
@@ -210,8 +340,226 @@ impl Drop for Broker {
         if let Some(proxy) = self.proxy.as_mut() {
             proxy.stop();
         }
-        self.kill();
     }
+}
+
+/// Three combined Apache Kafka nodes (ids 1-3) on free ports: replication factor 3,
+/// `min.insync.replicas=2`, a static controller quorum, for failover tests.
+pub struct Cluster {
+    nodes: Vec<KafkaNode>,
+    _dir: tempfile::TempDir,
+}
+
+impl Cluster {
+    /// Starts three nodes and waits until each serves.
+    pub fn start() -> Self {
+        let dir = tempfile::Builder::new().prefix("na-kafka-cluster").tempdir().expect("tempdir");
+        let free = free_ports(6);
+        let ports: Vec<(u16, u16)> = (0..3).map(|i| (free[2 * i], free[2 * i + 1])).collect();
+        let voters: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, c))| format!("{}@127.0.0.1:{c}", i + 1))
+            .collect();
+        let voters = voters.join(",");
+        let cluster_id = "bmV4dXMtYW5hbHl0aWNzLg"; // any 16 bytes, base64url
+        let mut nodes: Vec<KafkaNode> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (port, controller))| {
+                let id = i as i32 + 1;
+                let args = vec![
+                    "--node-id".into(),
+                    id.to_string(),
+                    "--port".into(),
+                    port.to_string(),
+                    "--controller-port".into(),
+                    controller.to_string(),
+                    "--voters".into(),
+                    voters.clone(),
+                    "--cluster-id".into(),
+                    cluster_id.into(),
+                ];
+                KafkaNode::new(id, *port, dir.path().join(format!("node{id}")), args)
+            })
+            .collect();
+        for node in &mut nodes {
+            node.spawn();
+        }
+        for node in &mut nodes {
+            node.wait_serving(NODE_START);
+        }
+        Self { nodes, _dir: dir }
+    }
+
+    /// All three nodes, for clients' `bootstrap.servers`.
+    pub fn bootstrap(&self) -> String {
+        let all: Vec<String> = self.nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)).collect();
+        all.join(",")
+    }
+
+    /// Creates a topic with replication factor 3 whose partitions all prefer node `leader`
+    /// (so killing that node moves every partition's leadership).
+    pub fn create_topic_led_by(&self, name: &str, partitions: u32, leader: i32) {
+        let others: Vec<i32> = (1..=3).filter(|n| *n != leader).collect();
+        let replicas = vec![leader, others[0], others[1]];
+        create_topic_with(&self.bootstrap(), name, partitions, Some(replicas));
+    }
+
+    /// Creates a topic with replication factor 3 (the brokers place the replicas).
+    pub fn create_topic(&self, name: &str, partitions: u32) {
+        create_topic(&self.bootstrap(), name, partitions, 3);
+    }
+
+    /// The node id leading `topic[partition]` now (-1 while there is none).
+    pub fn leader(&self, topic: &str, partition: i32) -> i32 {
+        partition_leaders(&self.bootstrap(), topic).get(partition as usize).copied().unwrap_or(-1)
+    }
+
+    /// The node id that coordinates `group`, as the group command reports it
+    /// (FindCoordinator + DescribeGroups); None while the group is unknown.
+    pub fn coordinator(&self, group: &str) -> Option<i32> {
+        let out = Command::new(repo_root().join("scripts/kafka"))
+            .args(["tool", "org.apache.kafka.tools.consumer.group.ConsumerGroupCommand"])
+            .args([
+                "--bootstrap-server",
+                &self.bootstrap(),
+                "--describe",
+                "--state",
+                "--group",
+                group,
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .ok()?;
+        // GROUP  COORDINATOR (ID)  ASSIGNMENT-STRATEGY  STATE  #MEMBERS
+        // g      127.0.0.1:41234  (2)  ...
+        let text = String::from_utf8_lossy(&out.stdout);
+        text.lines().find(|l| l.starts_with(group)).and_then(|l| {
+            let open = l.find('(')?;
+            let close = l[open..].find(')')? + open;
+            l[open + 1..close].trim().parse().ok()
+        })
+    }
+
+    /// SIGKILLs node `id` (1-3).
+    pub fn kill(&mut self, id: i32) {
+        self.node(id).kill();
+    }
+
+    /// Starts node `id` again on its data directory and waits until it serves.
+    pub fn restart(&mut self, id: i32) {
+        let node = self.node(id);
+        node.kill();
+        node.spawn();
+        node.wait_serving(NODE_START);
+    }
+
+    /// Whether node `id` runs.
+    pub fn running(&mut self, id: i32) -> bool {
+        self.node(id).running()
+    }
+
+    fn node(&mut self, id: i32) -> &mut KafkaNode {
+        self.nodes.iter_mut().find(|n| n.id == id).expect("node id 1-3")
+    }
+}
+
+fn admin(bootstrap: &str) -> rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> {
+    ClientConfig::new().set("bootstrap.servers", bootstrap).create().expect("admin client")
+}
+
+/// Creates `name` with `replication` replicas per partition and waits until each partition of
+/// it has a leader in the metadata (real Kafka creates topics asynchronously).
+pub fn create_topic(bootstrap: &str, name: &str, partitions: u32, replication: i32) {
+    create_topic_inner(bootstrap, name, partitions, replication, None);
+}
+
+fn create_topic_with(bootstrap: &str, name: &str, partitions: u32, replicas: Option<Vec<i32>>) {
+    create_topic_inner(bootstrap, name, partitions, 3, replicas);
+}
+
+fn create_topic_inner(
+    bootstrap: &str,
+    name: &str,
+    partitions: u32,
+    replication: i32,
+    replicas: Option<Vec<i32>>,
+) {
+    use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
+    let assignment: Vec<Vec<i32>> = match &replicas {
+        Some(r) => (0..partitions).map(|_| r.clone()).collect(),
+        None => Vec::new(),
+    };
+    let slices: Vec<&[i32]> = assignment.iter().map(Vec::as_slice).collect();
+    let replication = if replicas.is_some() {
+        TopicReplication::Variable(&slices)
+    } else {
+        TopicReplication::Fixed(replication)
+    };
+    let topic = NewTopic::new(name, partitions as i32, replication);
+    let options = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let admin = admin(bootstrap);
+    let results = runtime()
+        .block_on(admin.create_topics([&topic], &options))
+        .unwrap_or_else(|e| panic!("create topic {name}: {e}"));
+    for r in results {
+        if let Err((t, code)) = r {
+            assert_eq!(
+                code,
+                rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists,
+                "create topic {t}: {code}"
+            );
+        }
+    }
+    let led = wait_until(Duration::from_secs(30), || {
+        let leaders = partition_leaders(bootstrap, name);
+        leaders.len() == partitions as usize && leaders.iter().all(|l| *l >= 0)
+    });
+    assert!(
+        led,
+        "topic {name}: partitions without a leader: {:?}",
+        partition_leaders(bootstrap, name)
+    );
+}
+
+/// Sum of the high watermarks of `topic` (records produced so far; -1 when unreadable).
+pub fn end_offsets(bootstrap: &str, topic: &str) -> i64 {
+    let Ok(consumer) =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).create::<BaseConsumer>()
+    else {
+        return -1;
+    };
+    let partitions = partition_leaders(bootstrap, topic).len() as i32;
+    (0..partitions)
+        .map(|p| {
+            consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(5))
+                .map(|(_, h)| h)
+                .unwrap_or(-1)
+        })
+        .sum()
+}
+
+/// The leader node id of each partition of `topic`, in partition order (-1: none).
+pub fn partition_leaders(bootstrap: &str, topic: &str) -> Vec<i32> {
+    let consumer: BaseConsumer =
+        match ClientConfig::new().set("bootstrap.servers", bootstrap).create() {
+            Ok(c) => c,
+            Err(_) => return Vec::new(),
+        };
+    let Ok(md) = consumer.fetch_metadata(Some(topic), Duration::from_secs(5)) else {
+        return Vec::new();
+    };
+    let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
+        return Vec::new();
+    };
+    if t.error().is_some() {
+        return Vec::new();
+    }
+    let mut parts: Vec<_> = t.partitions().iter().map(|p| (p.id(), p)).collect();
+    parts.sort_by_key(|(id, _)| *id);
+    parts.into_iter().map(|(_, p)| if p.error().is_some() { -1 } else { p.leader() }).collect()
 }
 
 // ------------------------------------------------------------------------------------- proxy
@@ -309,6 +657,75 @@ pub fn produce_demo(bootstrap: &str, topic: &str, count: u64, rate: u64, seed: u
     let report = demo::produce(config, &options, &AtomicBool::new(false)).expect("produce");
     assert_eq!(report.failed, 0);
     report.delivered
+}
+
+/// Produces `count` demo events of which about `invalid_percent` % are malformed (dead letters),
+/// acks=all and idempotent, so what is delivered is exact; returns the number delivered.
+pub fn produce_mixed(
+    bootstrap: &str,
+    topic: &str,
+    count: u64,
+    rate: u64,
+    seed: u64,
+    invalid_percent: u8,
+) -> u64 {
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", bootstrap);
+    let options =
+        ProduceOptions { count, rate, topic: topic.into(), invalid_percent, users: 500, seed };
+    let report = demo::produce(config, &options, &AtomicBool::new(false)).expect("produce");
+    assert_eq!(report.failed, 0, "deliveries failed");
+    report.delivered
+}
+
+/// How many of the events `produce_mixed(.., count, _, seed, invalid_percent)` sends are valid
+/// (the demo stream is a pure function of its seed).
+pub fn valid_among(count: u64, seed: u64, invalid_percent: u8) -> u64 {
+    use rand::SeedableRng;
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    (0..count)
+        .filter(|_| {
+            let (_, payload) = demo::make_event(&mut rng, 500, invalid_percent);
+            nexus_analytics::event::decode(&payload, None, 512 * 1024).is_ok()
+        })
+        .count() as u64
+}
+
+/// Distinct source coordinates (`dlq.source.partition`/`dlq.source.offset` headers) of the
+/// dead letters read from `dlq` within `timeout`, stopping early at `expected`; plus the total
+/// number of letters read (a bad record redelivered after a crash may be dead-lettered twice).
+pub fn dead_letter_sources(
+    bootstrap: &str,
+    dlq: &str,
+    expected: usize,
+    timeout: Duration,
+) -> (usize, usize) {
+    use rdkafka::message::{Headers, Message};
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", unique("dlq_reader"))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("reader");
+    consumer.subscribe(&[dlq]).expect("subscribe");
+    let mut sources = std::collections::HashSet::new();
+    let mut total = 0;
+    let deadline = Instant::now() + timeout;
+    while sources.len() < expected && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            total += 1;
+            let header = |k: &str| {
+                m.headers().and_then(|h| {
+                    h.iter()
+                        .find(|h| h.key == k)
+                        .and_then(|h| h.value.map(|v| String::from_utf8_lossy(v).to_string()))
+                })
+            };
+            sources.insert((header("dlq.source.partition"), header("dlq.source.offset")));
+        }
+    }
+    (sources.len(), total)
 }
 
 /// A record to produce verbatim.
