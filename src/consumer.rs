@@ -16,7 +16,7 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::statistics::Statistics;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::batch::Backoff;
 use crate::config::Settings;
@@ -54,6 +54,30 @@ pub fn consume_error_reason(error: &KafkaError) -> String {
         }
     }
     out
+}
+
+/// True for errors about reaching brokers (a broker restarting, a leader moving), not about
+/// records: librdkafka reconnects and fetches from the new leader by itself, and the `kafka`
+/// readiness component already reports broker reachability, so these neither count as consume
+/// errors nor turn the `consume` component down. Pure.
+pub fn is_connectivity_error(error: &KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        error,
+        KafkaError::MessageConsumption(code) | KafkaError::MessageConsumptionFatal(code)
+            if matches!(
+                code,
+                C::BrokerTransportFailure
+                    | C::AllBrokersDown
+                    | C::NotLeaderForPartition
+                    | C::LeaderNotAvailable
+                    | C::NotCoordinator
+                    | C::CoordinatorNotAvailable
+                    | C::RequestTimedOut
+                    | C::OperationTimedOut
+                    | C::NetworkException
+            )
+    )
 }
 
 /// Client settings shared by every Kafka client of the service: brokers and pass-through
@@ -325,6 +349,10 @@ pub fn consume(consumer: &PipelineConsumer, shutdown: &AtomicBool, drain_budget:
         };
         match consumer.poll(timeout) {
             Some(Ok(message)) => pipeline.push(&message),
+            Some(Err(e)) if is_connectivity_error(&e) => {
+                pipeline.metrics().record_error("kafka_error");
+                debug!(error = %e, "broker connectivity error while fetching; librdkafka retries");
+            }
             Some(Err(e)) => {
                 // A record or batch the client cannot hand us (a codec it lacks, a corrupt
                 // batch, a missing topic). librdkafka retries the fetch at the same offset, so
@@ -419,6 +447,17 @@ pub fn consume(consumer: &PipelineConsumer, shutdown: &AtomicBool, drain_budget:
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn broker_connectivity_is_not_a_consume_error() {
+        use rdkafka::types::RDKafkaErrorCode as C;
+        for code in [C::BrokerTransportFailure, C::AllBrokersDown, C::NotLeaderForPartition] {
+            assert!(is_connectivity_error(&KafkaError::MessageConsumption(code)), "{code:?}");
+        }
+        for code in [C::NotImplemented, C::BadCompression, C::UnknownTopicOrPartition] {
+            assert!(!is_connectivity_error(&KafkaError::MessageConsumption(code)), "{code:?}");
+        }
+    }
 
     #[test]
     fn consume_error_reasons_are_snake_case_error_codes() {

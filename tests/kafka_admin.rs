@@ -22,8 +22,12 @@ use common::{Broker, unique};
 
 const PARTITIONS: i32 = 3;
 const PER_PARTITION: i64 = 10;
-/// Record i of each partition has timestamp T0 + i seconds.
-const T0: i64 = 1_780_000_000_000;
+/// Record i of each partition has timestamp t0() + i seconds. Two hours ago, not a fixed date:
+/// the broker's retention (7 days by timestamp) deletes older records, which moves the log start.
+fn t0() -> i64 {
+    static T0: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    *T0.get_or_init(|| (Utc::now().timestamp() - 2 * 3600) * 1000)
+}
 
 fn no_props() -> BTreeMap<String, String> {
     BTreeMap::new()
@@ -39,7 +43,7 @@ fn setup() -> (String, String) {
     (bs, topic)
 }
 
-/// Produces PER_PARTITION records per partition with timestamps T0 + i s.
+/// Produces PER_PARTITION records per partition with timestamps t0() + i s.
 fn fill(bs: &str, topic: &str) {
     let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
         .set("bootstrap.servers", bs)
@@ -52,7 +56,7 @@ fn fill(bs: &str, topic: &str) {
             let payload = format!("{p}-{i}");
             let rec = BaseRecord::<str, str>::to(topic)
                 .partition(p)
-                .timestamp(T0 + i * 1000)
+                .timestamp(t0() + i * 1000)
                 .key("k")
                 .payload(&payload);
             producer.send(rec).map_err(|(e, _)| e).expect("send");
@@ -169,7 +173,7 @@ fn reset_to_a_time_replays_from_the_first_record_at_or_after_it() {
     let topics = vec![topic.clone()];
 
     // Between record 4 (T0 + 4 s) and record 5 (T0 + 5 s): offsetsForTimes answers 5.
-    let at = Utc.timestamp_millis_opt(T0 + 4500).single().expect("time");
+    let at = Utc.timestamp_millis_opt(t0() + 4500).single().expect("time");
     let done = reset_offsets(&bs, &no_props(), &group, &topics, ResetTarget::Time(at), false)
         .expect("reset to time");
     assert_eq!(done, changes(&topic, Some(PER_PARTITION), 5));
@@ -178,7 +182,7 @@ fn reset_to_a_time_replays_from_the_first_record_at_or_after_it() {
     // After the newest record: nothing to replay, the group goes to the end.
     let group = unique("to_future");
     commit_all(&bs, &topic, &group, 2);
-    let later = Utc.timestamp_millis_opt(T0 + 3_600_000).single().expect("time");
+    let later = Utc.timestamp_millis_opt(t0() + 3_600_000).single().expect("time");
     let done = reset_offsets(&bs, &no_props(), &group, &topics, ResetTarget::Time(later), false)
         .expect("reset past the end");
     assert_eq!(done, changes(&topic, Some(2), PER_PARTITION));
