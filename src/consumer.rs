@@ -56,10 +56,11 @@ pub fn consume_error_reason(error: &KafkaError) -> String {
     out
 }
 
-/// True for errors about reaching brokers (a broker restarting, a leader moving), not about
-/// records: librdkafka reconnects and fetches from the new leader by itself, and the `kafka`
-/// readiness component already reports broker reachability, so these neither count as consume
-/// errors nor turn the `consume` component down. Pure.
+/// True for errors about reaching one broker (a broker restarting, a leader moving), not about
+/// records: librdkafka reconnects and fetches from the new leader by itself, so these neither
+/// count as consume errors nor turn the `consume` component down — one dead node of three must
+/// not make every pod unready. `AllBrokersDown` is not one of them: with no broker at all the
+/// pod is not ready. Pure.
 pub fn is_connectivity_error(error: &KafkaError) -> bool {
     use rdkafka::types::RDKafkaErrorCode as C;
     matches!(
@@ -68,7 +69,6 @@ pub fn is_connectivity_error(error: &KafkaError) -> bool {
             if matches!(
                 code,
                 C::BrokerTransportFailure
-                    | C::AllBrokersDown
                     | C::NotLeaderForPartition
                     | C::LeaderNotAvailable
                     | C::NotCoordinator
@@ -451,10 +451,10 @@ mod tests {
     #[test]
     fn broker_connectivity_is_not_a_consume_error() {
         use rdkafka::types::RDKafkaErrorCode as C;
-        for code in [C::BrokerTransportFailure, C::AllBrokersDown, C::NotLeaderForPartition] {
+        for code in [C::BrokerTransportFailure, C::NotLeaderForPartition] {
             assert!(is_connectivity_error(&KafkaError::MessageConsumption(code)), "{code:?}");
         }
-        for code in [C::NotImplemented, C::BadCompression, C::UnknownTopicOrPartition] {
+        for code in [C::AllBrokersDown, C::NotImplemented, C::BadCompression] {
             assert!(!is_connectivity_error(&KafkaError::MessageConsumption(code)), "{code:?}");
         }
     }
