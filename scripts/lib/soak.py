@@ -20,7 +20,7 @@ it is done, then the soak waits for the backlog to drain and stops the replicas 
 Output: progress and fault lines on stderr, evidence files (group state, replica /readyz and
 /metrics, broker log excerpts) in the work directory whenever rows stall for longer than
 --evidence-after seconds with a backlog, and finally exactly one line on stdout:
-SOAK produced=… rows=… distinct=… lost=… duplicated=… aggregates_ok=… sigterm_exit_nonzero=… max_stall_s=…
+SOAK produced=… rows=… distinct=… lost=… duplicated=… aggregates_ok=… sigterm_exit_nonzero=… max_stall_s=… max_partition_stall_s=…
 """
 
 from __future__ import annotations
@@ -342,6 +342,9 @@ class Soak:
         self.sigterm_nonzero = 0
         self.exit_codes: list[str] = []
         self.max_stall = 0.0
+        # The longest time one partition's committed offset stood still below its high watermark.
+        self.max_partition_stall = 0.0
+        self.stalled_partition = -1
         self.stall_since: float | None = None
         self.evidence_taken_for: float | None = None
         self.faults: dict[str, int] = {}
@@ -455,15 +458,29 @@ class Soak:
         self.producing = False
 
     # -------------------------------------------------------------- monitor
-    def high_watermarks(self, c: Consumer) -> int | None:
+    def high_watermarks(self, c: Consumer) -> list[int] | None:
         try:
-            return sum(c.get_watermark_offsets(TopicPartition(self.topic, p), timeout=5)[1] for p in range(PARTITIONS))
+            return [c.get_watermark_offsets(TopicPartition(self.topic, p), timeout=5)[1] for p in range(PARTITIONS)]
+        except KafkaException:
+            return None
+
+    def committed(self, c: Consumer) -> list[int] | None:
+        """The service group's committed offset per partition (-1 before its first commit)."""
+        try:
+            tps = c.committed([TopicPartition(self.topic, p) for p in range(PARTITIONS)], timeout=5)
+            return [max(tp.offset, -1) for tp in tps]
         except KafkaException:
             return None
 
     def monitor(self) -> None:
         c = Consumer({"bootstrap.servers": self.direct, "group.id": "soak-monitor"})
+        # Reads the service group's commits without joining it (committed() needs a group.id).
+        g = Consumer({"bootstrap.servers": self.direct, "group.id": self.group})
         last_rows, last_growth = -1, time.monotonic()
+        # Per partition: (committed offset, when it last moved). A partition nobody consumes
+        # (an orphan after a rebalance) stalls while the others keep the row count growing, so
+        # the stall is measured per partition, not on the total.
+        moved: dict[int, tuple[int, float]] = {}
         last_report = 0.0
         while not self.finished:
             try:
@@ -472,13 +489,23 @@ class Soak:
             except psycopg.Error:
                 rows = None  # PostgreSQL is down (a fault): nothing can grow
             hw = self.high_watermarks(c)
+            committed = self.committed(g) if hw is not None else None
             now = time.monotonic()
             if rows is not None:
                 self.rows = rows
             if rows is not None and rows > last_rows:
                 last_rows, last_growth = rows, now
             if hw is not None:
-                self.backlog = hw - self.rows
+                self.backlog = sum(hw) - self.rows
+            if hw is not None and committed is not None:
+                for p, (high, off) in enumerate(zip(hw, committed)):
+                    prev = moved.get(p)
+                    if prev is None or off != prev[0] or off >= high:
+                        moved[p] = (off, now)
+                    else:
+                        stall = now - prev[1]
+                        if stall > self.max_partition_stall:
+                            self.max_partition_stall, self.stalled_partition = stall, p
             if self.backlog > 0:
                 stall = now - last_growth
                 self.max_stall = max(self.max_stall, stall)
@@ -495,6 +522,7 @@ class Soak:
                     f"assigned={assigned} max_stall={self.max_stall:.1f}s")
             time.sleep(1)
         c.close()
+        g.close()
 
     def evidence(self, why: str) -> None:
         path = self.work / f"evidence-{int(time.monotonic() - START)}s.txt"
@@ -677,7 +705,10 @@ class Soak:
             log(f"WARNING: {self.produce_failed} deliveries failed (not counted as produced)")
         print(f"SOAK produced={self.produced} rows={rows} distinct={distinct} lost={lost} "
               f"duplicated={duplicated} aggregates_ok={str(mismatches == 0).lower()} "
-              f"sigterm_exit_nonzero={self.sigterm_nonzero} max_stall_s={self.max_stall:.0f}", flush=True)
+              f"sigterm_exit_nonzero={self.sigterm_nonzero} max_stall_s={self.max_stall:.0f} "
+              f"max_partition_stall_s={self.max_partition_stall:.0f}", flush=True)
+        log(f"longest stall of one partition's commits: {self.max_partition_stall:.0f}s "
+            f"(partition {self.stalled_partition}); of the total row count: {self.max_stall:.0f}s")
         ok = lost == 0 and duplicated == 0 and mismatches == 0 and self.sigterm_nonzero == 0
         return 0 if ok else 1
 
