@@ -102,9 +102,10 @@ pub struct PipelineContext {
     /// When lag was last published, and how often it may be.
     lag_published: Mutex<Option<Instant>>,
     lag_refresh: Duration,
-    /// High watermarks listed from the brokers while fetching is paused: statistics only learn
-    /// them from fetch responses, so without these the lag would freeze during an outage.
-    listed_high: Mutex<HashMap<(String, i32), i64>>,
+    /// Watermarks (log start, high) listed from the brokers while fetching is paused:
+    /// statistics only learn them from fetch responses, so without these the lag would freeze
+    /// during an outage, and a partition paused before its first fetch would count as unknown.
+    listed: Mutex<HashMap<(String, i32), (i64, i64)>>,
     /// `/livez` fails after this long outside a steady group; logged once per episode.
     group_unsteady_limit: Duration,
     unsteady_reported: AtomicBool,
@@ -125,7 +126,7 @@ impl PipelineContext {
             return;
         }
         *last = Some(Instant::now());
-        let listed = self.listed_high.lock().unwrap_or_else(|e| e.into_inner());
+        let listed = self.listed.lock().unwrap_or_else(|e| e.into_inner());
         let mut lag = LagMap::new();
         for (topic, t) in &stats.topics {
             for p in t.partitions.values() {
@@ -133,9 +134,11 @@ impl PipelineContext {
                     continue;
                 }
                 let committed = (p.committed_offset >= 0).then_some(p.committed_offset);
-                let listed = listed.get(&(topic.clone(), p.partition)).copied();
-                let high = lag::freshest_high_watermark(listed, Some(p.hi_offset)).unwrap_or(-1);
-                if let Some(l) = lag::partition_lag(p.lo_offset, high, committed) {
+                let (listed_low, listed_high) =
+                    listed.get(&(topic.clone(), p.partition)).copied().unzip();
+                let low = lag::freshest_watermark(listed_low, Some(p.lo_offset)).unwrap_or(-1);
+                let high = lag::freshest_watermark(listed_high, Some(p.hi_offset)).unwrap_or(-1);
+                if let Some(l) = lag::partition_lag(low, high, committed) {
                     lag.insert((topic.clone(), p.partition), l);
                 }
             }
@@ -233,7 +236,7 @@ impl ConsumerContext for PipelineContext {
 
     fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         // Listed watermarks belong to the old assignment (and a recreated topic starts lower).
-        self.listed_high.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        self.listed.lock().unwrap_or_else(|e| e.into_inner()).clear();
         let assigned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
         self.status().set_assigned_partitions(assigned as i64);
         if let Rebalance::Assign(tpl) = rebalance {
@@ -282,7 +285,7 @@ pub fn create_consumer(
         pipeline,
         lag_published: Mutex::new(None),
         lag_refresh: Duration::from_secs(settings.lag_refresh_secs),
-        listed_high: Mutex::new(HashMap::new()),
+        listed: Mutex::new(HashMap::new()),
         group_unsteady_limit: Duration::from_secs(settings.group_unsteady_liveness_secs),
         unsteady_reported: AtomicBool::new(false),
     };
@@ -291,9 +294,10 @@ pub fn create_consumer(
     Ok(consumer)
 }
 
-/// Lists the high watermark of every assigned partition (while paused: nothing is fetched, so
-/// statistics would not see new records). Gives up at the first failure, so an unreachable
-/// broker costs one short timeout per refresh.
+/// Lists the watermarks (log start, high) of every assigned partition while paused: nothing is
+/// fetched, so statistics would not see new records, nor the log start of a partition paused
+/// before its first fetch. Gives up at the first failure, so an unreachable broker costs one
+/// short timeout per refresh.
 fn refresh_listed_watermarks(consumer: &PipelineConsumer) {
     let Ok(assignment) = consumer.assignment() else {
         return;
@@ -301,14 +305,14 @@ fn refresh_listed_watermarks(consumer: &PipelineConsumer) {
     let mut listed = HashMap::new();
     for e in assignment.elements() {
         match consumer.fetch_watermarks(e.topic(), e.partition(), WATERMARK_TIMEOUT) {
-            Ok((_, high)) => {
-                listed.insert((e.topic().to_string(), e.partition()), high);
+            Ok(watermarks) => {
+                listed.insert((e.topic().to_string(), e.partition()), watermarks);
             }
             Err(_) => break,
         }
     }
     let context = consumer.context();
-    let mut held = context.listed_high.lock().unwrap_or_else(|e| e.into_inner());
+    let mut held = context.listed.lock().unwrap_or_else(|e| e.into_inner());
     held.extend(listed);
 }
 

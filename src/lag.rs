@@ -19,9 +19,10 @@ pub fn partition_lag(low: i64, high: i64, committed: Option<i64>) -> Option<i64>
     Some((high - start).max(0))
 }
 
-/// The freshest of two high-watermark observations (ListOffsets and the fetch response
-/// carried in statistics); a watermark never moves backwards, so the larger one is current.
-pub fn freshest_high_watermark(listed: Option<i64>, fetched: Option<i64>) -> Option<i64> {
+/// The freshest of two observations of a watermark (ListOffsets and the fetch response carried
+/// in statistics); neither the log start nor the high watermark moves backwards, so the larger
+/// known one is current.
+pub fn freshest_watermark(listed: Option<i64>, fetched: Option<i64>) -> Option<i64> {
     match (listed.filter(|h| *h >= 0), fetched.filter(|h| *h >= 0)) {
         (Some(a), Some(b)) => Some(a.max(b)),
         (a, b) => a.or(b),
@@ -57,10 +58,18 @@ mod tests {
     }
 
     #[test]
+    fn a_partition_paused_before_its_first_fetch_counts_from_the_listed_log_start() {
+        // Statistics report -1 for both watermarks until a fetch response arrives.
+        let low = freshest_watermark(Some(0), Some(-1));
+        let high = freshest_watermark(Some(1000), Some(-1));
+        assert_eq!(partition_lag(low.unwrap_or(-1), high.unwrap_or(-1), None), Some(1000));
+    }
+
+    #[test]
     fn freshest_watermark_wins() {
-        assert_eq!(freshest_high_watermark(Some(5), Some(9)), Some(9));
-        assert_eq!(freshest_high_watermark(Some(9), None), Some(9));
-        assert_eq!(freshest_high_watermark(Some(-1), Some(3)), Some(3));
-        assert_eq!(freshest_high_watermark(None, None), None);
+        assert_eq!(freshest_watermark(Some(5), Some(9)), Some(9));
+        assert_eq!(freshest_watermark(Some(9), None), Some(9));
+        assert_eq!(freshest_watermark(Some(-1), Some(3)), Some(3));
+        assert_eq!(freshest_watermark(None, None), None);
     }
 }

@@ -248,7 +248,8 @@ pub async fn run_api(settings: Settings) -> anyhow::Result<()> {
     }
     let status = Arc::new(Status::default());
     status.set_kafka(false, "not used by nexus-analytics api");
-    let metrics = Metrics::new(status.clone()).context("cannot set up metrics")?;
+    let metrics = Metrics::for_role(status.clone(), crate::telemetry::Role::Api)
+        .context("cannot set up metrics")?;
     let (api_listener, app) = query_api(&settings).await?;
     let ping_pool = api::read_pool(settings.api_database_url()?, 1)
         .map_err(|_| anyhow::anyhow!("invalid API_DATABASE_URL or DATABASE_URL"))?;

@@ -205,9 +205,27 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
+/// What the process does, and so which series its `/metrics` carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// `nexus-analytics run`: the consumer's series, pre-registered so `rate()` works at once.
+    Ingest,
+    /// `nexus-analytics api`: no consumer, so no Kafka, lag or dead-letter series, which would
+    /// read 0 and fire the consumer's alerts for pods that never consume.
+    Api,
+}
+
 impl Metrics {
-    /// Builds the instruments; gauges read `status` at scrape time.
+    /// Builds the instruments of an ingesting process; gauges read `status` at scrape time.
     pub fn new(status: Arc<Status>) -> Result<Arc<Self>, opentelemetry_sdk::error::OTelSdkError> {
+        Self::for_role(status, Role::Ingest)
+    }
+
+    /// Builds the instruments; only [`Role::Ingest`] registers the consumer's series.
+    pub fn for_role(
+        status: Arc<Status>,
+        role: Role,
+    ) -> Result<Arc<Self>, opentelemetry_sdk::error::OTelSdkError> {
         let registry = prometheus::Registry::new();
         let exporter = opentelemetry_prometheus::exporter()
             .with_registry(registry.clone())
@@ -291,6 +309,10 @@ impl Metrics {
             registry,
             provider: provider.clone(),
         };
+        if role == Role::Api {
+            register_api_gauges(&meter, status);
+            return Ok(Arc::new(metrics));
+        }
         register_gauges(&meter, status);
         // Pre-register error series at zero so rate() works before the first error.
         for reason in RejectReason::ALL {
@@ -414,6 +436,28 @@ impl Metrics {
     }
 }
 
+/// The query-API process's gauges: its database and its build.
+fn register_api_gauges(meter: &Meter, status: Arc<Status>) {
+    database_up_gauge(meter, status);
+    build_info_gauge(meter);
+}
+
+fn database_up_gauge(meter: &Meter, status: Arc<Status>) {
+    meter
+        .i64_observable_gauge("analytics_database_up")
+        .with_description("1 when PostgreSQL answered the last ping")
+        .with_callback(move |obs| obs.observe(status.database().up as i64, &[]))
+        .build();
+}
+
+fn build_info_gauge(meter: &Meter) {
+    meter
+        .i64_observable_gauge("analytics_build_info")
+        .with_description("Always 1; labels carry the version")
+        .with_callback(|obs| obs.observe(1, &[KeyValue::new("version", env!("CARGO_PKG_VERSION"))]))
+        .build();
+}
+
 fn register_gauges(meter: &Meter, status: Arc<Status>) {
     let s = status.clone();
     meter
@@ -457,12 +501,7 @@ fn register_gauges(meter: &Meter, status: Arc<Status>) {
         .with_description("1 when a broker is reachable and the group is joined")
         .with_callback(move |obs| obs.observe(s.kafka().up as i64, &[]))
         .build();
-    let s = status.clone();
-    meter
-        .i64_observable_gauge("analytics_database_up")
-        .with_description("1 when PostgreSQL answered the last ping")
-        .with_callback(move |obs| obs.observe(s.database().up as i64, &[]))
-        .build();
+    database_up_gauge(meter, status.clone());
     let s = status.clone();
     meter
         .i64_observable_gauge("analytics_dead_letter_up")
@@ -483,11 +522,7 @@ fn register_gauges(meter: &Meter, status: Arc<Status>) {
             obs.observe(s.unsteady_for().map_or(0, |d| d.as_secs()) as i64, &[])
         })
         .build();
-    meter
-        .i64_observable_gauge("analytics_build_info")
-        .with_description("Always 1; labels carry the version")
-        .with_callback(|obs| obs.observe(1, &[KeyValue::new("version", env!("CARGO_PKG_VERSION"))]))
-        .build();
+    build_info_gauge(meter);
 }
 
 #[cfg(test)]
@@ -547,6 +582,23 @@ mod tests {
         }
         assert!(!text.contains("otel_scope"), "{text}");
         assert!(!text.contains("target_info"), "{text}");
+    }
+
+    #[test]
+    fn the_api_process_exposes_no_consumer_series() {
+        let status = Arc::new(Status::default());
+        status.set_database(true, "ping ok");
+        let text = Metrics::for_role(status, Role::Api).unwrap().render();
+        assert!(text.contains("analytics_database_up 1"), "{text}");
+        assert!(text.contains("analytics_build_info{"), "{text}");
+        for absent in [
+            "analytics_kafka_up",
+            "analytics_consumer_",
+            "analytics_dead_letter",
+            "analytics_events_",
+        ] {
+            assert!(!text.contains(absent), "{absent} in the api process's exposition:\n{text}");
+        }
     }
 
     #[test]
