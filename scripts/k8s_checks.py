@@ -904,6 +904,8 @@ def cmd_api_deployment(chart_values, rendered, values_files):
     for o in api_objs:
         by_kind.setdefault(o["kind"], []).append(o)
     want_kinds = {"Deployment", "Service"}
+    if v["serviceMonitor"]["enabled"]:
+        want_kinds.add("ServiceMonitor")
     if d["podDisruptionBudget"]["enabled"]:
         want_kinds.add("PodDisruptionBudget")
     if d["autoscaling"]["enabled"]:
@@ -959,6 +961,19 @@ def cmd_api_deployment(chart_values, rendered, values_files):
         problems.append(f"Service selector {svc['selector']} is not the API pods' selector")
     if {p["name"]: (p["port"], p["targetPort"]) for p in svc["ports"]} != {"api": (api["port"], "api"), "metrics": (v["service"]["port"], "metrics")}:
         problems.append(f"Service ports {svc['ports']}")
+    if "ServiceMonitor" in by_kind:
+        # Its own job (the API Service), so consumer alerts (job=<fullname>) never see API pods.
+        sm = by_kind["ServiceMonitor"][0]["spec"]
+        svc_labels = by_kind["Service"][0]["metadata"]["labels"]
+        if not matches(sm["selector"]["matchLabels"], svc_labels):
+            problems.append(f"API ServiceMonitor selects {sm['selector']}, not the API Service {svc_labels}")
+        consumer_svcs = [o for o in docs if o["kind"] == "Service" and comp(o) == "consumer"]
+        if any(matches(sm["selector"]["matchLabels"], o["metadata"]["labels"]) for o in consumer_svcs):
+            problems.append("API ServiceMonitor also selects the consumer Service")
+        if [e["port"] for e in sm["endpoints"]] != ["metrics"]:
+            problems.append(f"API ServiceMonitor endpoints {sm['endpoints']}")
+        if any(r.get("targetLabel") == "consumer_group" for e in sm["endpoints"] for r in e.get("relabelings") or []):
+            problems.append("API ServiceMonitor labels consumer_group: API pods are not group members")
     if "PodDisruptionBudget" in by_kind:
         pdb = by_kind["PodDisruptionBudget"][0]["spec"]
         if pdb["selector"]["matchLabels"] != sel or pdb["maxUnavailable"] != d["podDisruptionBudget"]["maxUnavailable"]:
