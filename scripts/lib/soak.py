@@ -501,11 +501,17 @@ class Soak:
                 for p, (high, off) in enumerate(zip(hw, committed)):
                     prev = moved.get(p)
                     if prev is None or off != prev[0] or off >= high:
+                        if prev is not None and now - prev[1] > 20:
+                            log(f"partition {p}: commits resumed after {now - prev[1]:.0f}s "
+                                f"(stood at {prev[0]} from {prev[1] - START:.0f}s to {now - START:.0f}s)")
                         moved[p] = (off, now)
                     else:
                         stall = now - prev[1]
                         if stall > self.max_partition_stall:
                             self.max_partition_stall, self.stalled_partition = stall, p
+                        if stall > self.args.evidence_after and self.evidence_taken_for != ("p", p, prev[1]):
+                            self.evidence_taken_for = ("p", p, prev[1])
+                            self.evidence(f"partition {p} commits stalled {stall:.0f}s at {off} (high {high})")
             if self.backlog > 0:
                 stall = now - last_growth
                 self.max_stall = max(self.max_stall, stall)
@@ -620,11 +626,17 @@ class Soak:
     def inject(self) -> None:
         kinds = ["replica-kill", "scale-up", "scale-down", "scale-to-one", "pg-crash", "broker-kill", "net-cut"]
         weights = [3, 3, 2, 2, 2, 2, 2]
+        # Every kind once first (in a seeded random order), so that even a short run meets each
+        # fault; then weighted random picks.
+        first = [k for k in kinds if k != "scale-up"]
+        self.rng.shuffle(first)
         time.sleep(min(20, self.args.fault_every))
         while self.producing and self.faulting:
             reps = len(self.live_replicas())
             if reps < 3 and self.rng.random() < 0.3:
                 kind = "scale-up"
+            elif first:
+                kind = first.pop()
             else:
                 kind = self.rng.choices(kinds, weights)[0]
             try:
