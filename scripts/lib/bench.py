@@ -1,9 +1,10 @@
 """End-to-end benchmark of nexus-analytics against the physical limit and two baselines.
 
 Run through `scripts/bench` (which picks the .tools/venv Python); see `scripts/bench --help`
-and docs/benchmark.md. Every phase uses a fresh topic on a private tansu broker and a fresh
-database, and all numbers come from the same run on the same machine, so the ratios mean
-something even on a shared, noisy host.
+and docs/benchmark.md. Every phase uses a fresh topic on a private Apache Kafka broker (KRaft,
+`scripts/kafka node` on ports of its own; `--tansu` for the old stand-in) and a fresh database
+in a private PostgreSQL cluster, and all numbers come from the same run on the same machine, so
+the ratios mean something even on a shared, noisy host.
 
 Phases
   preload     `nexus-analytics produce --rate 0` writes N events to a fresh topic
@@ -12,8 +13,10 @@ Phases
   broker      librdkafka consumer counting the topic's records (no decode, no database)
   naive       the original design: one INSERT + commit per event (Rust, capped in time)
   python      a batched Python consumer (confluent-kafka + psycopg, executemany and COPY)
+  connect     Kafka Connect (standalone) + a JDBC sink, when its jars resolve from Maven Central
   latency     fixed offered rate (default 10,000/s); produce -> commit percentiles, RSS
   outage      same rate, the service's PostgreSQL stopped for a while; RSS and recovery
+  kill        kill -9 of the service mid-stream, restarted: rows stored vs produced
 
 The last line printed is the machine-readable RESULT line.
 """
@@ -40,15 +43,15 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Service settings the benchmark runs with unless --service-defaults (each is documented in
 # docs/benchmark.md). Batches of up to 10,000 events amortise the per-transaction cost under a
-# backlog; a 10 ms linger keeps latency low at moderate rates. fetch.wait.max.ms=50 works around
-# tansu, which answers a Fetch only when fetch.wait.max.ms expires if the partition was empty
-# when the request arrived (Kafka answers as soon as data arrives): with librdkafka's default
-# of 500 ms every event waits ~250 ms at the broker; 10 ms costs tansu ~0.3 more cores.
+# backlog; a 10 ms linger keeps latency low at moderate rates.
 BENCH_PROFILE = {
     "BATCH_MAX_EVENTS": "10000",
     "BATCH_LINGER_MS": "10",
-    "KAFKA_PROPERTY_FETCH_WAIT_MAX_MS": "50",
 }
+# Only with --tansu: tansu answers a Fetch only when fetch.wait.max.ms expires if the partition
+# was empty when the request arrived (Kafka answers as soon as data arrives): with librdkafka's
+# default of 500 ms every event waits ~250 ms at the broker.
+TANSU_PROFILE = {"KAFKA_PROPERTY_FETCH_WAIT_MAX_MS": "50"}
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 EVENT_COLUMNS = (
     'event_type, user_id, service, "timestamp", data, kafka_topic, kafka_partition, kafka_offset'
@@ -139,8 +142,8 @@ class RssSampler:
                 f"{t - t0:.2f},{r}\n" for t, r in self.samples))
 
 
-def cpu_snapshot() -> dict[int, tuple[str, int]]:
-    """pid -> (comm, utime+stime ticks) for every process."""
+def cpu_snapshot() -> dict[int, tuple[str, int, int, int]]:
+    """pid -> (comm, ppid, utime+stime ticks, start time) for every process."""
     out = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -152,27 +155,67 @@ def cpu_snapshot() -> dict[int, tuple[str, int]]:
             continue
         comm = stat[stat.index("(") + 1 : stat.rindex(")")]
         fields = stat[stat.rindex(")") + 2 :].split()
-        out[int(entry)] = (comm, int(fields[11]) + int(fields[12]))
+        out[int(entry)] = (comm, int(fields[1]), int(fields[11]) + int(fields[12]),
+                           int(fields[19]))
     return out
 
 
-def cpu_breakdown(before, after, roles: dict[int, str]) -> dict[str, float]:
-    """CPU seconds per role between two snapshots (new processes count from zero)."""
-    total: dict[str, float] = {}
-    for pid, (comm, ticks) in after.items():
-        delta = ticks - before.get(pid, (comm, 0))[1]
-        if delta <= 0:
-            continue
-        if pid in roles:
-            role = roles[pid]
-        elif comm.startswith("postgres"):
-            role = "postgres"
-        elif pid == os.getpid():
-            role = "bench driver"
-        else:
-            role = "other"
-        total[role] = total.get(role, 0.0) + delta / CLK_TCK
-    return total
+class CpuTracker:
+    """CPU time of every process between start and stop(), including processes that start and
+    exit in between (sampled every `interval` s, so a short-lived one loses at most that much):
+    PostgreSQL backends, psql, a worker that exits when done."""
+
+    def __init__(self, interval: float = 0.5):
+        self.before = cpu_snapshot()
+        self.last = dict(self.before)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
+        self._thread.start()
+
+    def _run(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            self.last.update(cpu_snapshot())
+
+    def stop(self) -> "CpuTracker":
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.last.update(cpu_snapshot())
+        return self
+
+    def breakdown(self, roles: dict[int, str], postmaster: int | None) -> dict[str, float]:
+        """CPU seconds per role: `roles` names pids; the children of `postmaster` (the private
+        cluster) are "postgres"; every other process is "other" (or "bench driver")."""
+        total: dict[str, float] = {}
+        for pid, (comm, ppid, ticks, start) in self.last.items():
+            before = self.before.get(pid)
+            # The same process (not a reused pid) counts from its ticks at the start.
+            delta = ticks - (before[2] if before and before[3] == start else 0)
+            if delta <= 0:
+                continue
+            if pid in roles:
+                role = roles[pid]
+            elif ppid in roles and roles[ppid] != "bench driver":
+                role = roles[ppid]
+            elif postmaster is not None and (pid == postmaster or ppid == postmaster):
+                role = "postgres"
+            elif postmaster is None and comm.startswith("postgres"):
+                role = "postgres"
+            elif pid == os.getpid():
+                role = "bench driver"
+            else:
+                role = "other"
+            total[role] = total.get(role, 0.0) + delta / CLK_TCK
+        return total
+
+
+def pipeline_cpu(cpu: dict[str, float]) -> float:
+    """CPU seconds of the path under test: everything but other processes and the driver."""
+    return sum(v for k, v in cpu.items() if k not in ("other", "bench driver"))
+
+
+def cpu_parts(cpu: dict[str, float], wall: float) -> str:
+    return ", ".join(f"{k} {v / wall:.2f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1])
+                     if v > 0.05)
 
 
 class Child:
@@ -222,6 +265,8 @@ class Results:
     rows: list[tuple[str, str, str, str]] = field(default_factory=list)
     values: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    # path -> {"eps", "steady", "p99", "rss", "cpu", "kill", "note"} for the side-by-side table
+    peers: dict[str, dict] = field(default_factory=dict)
 
     def add(self, phase: str, metric: str, value: str, detail: str = "") -> None:
         self.rows.append((phase, metric, value, detail))
@@ -249,10 +294,11 @@ class Bench:
         self.children: list[Child] = []
         self.databases: list[tuple[str, str]] = []  # (admin url, name)
         self.private_pg: PrivatePostgres | None = None
-        self.tansu: Child | None = None
+        self.broker: Child | None = None
+        self.broker_kind = "external"
         self.bin = Path(args.bin)
         self.clients_bin = Path(args.clients_bin)
-        self.admin_url = args.admin_url
+        self.admin_url = args.admin_url  # None: the private cluster (set in run())
         self.clean_env = self._clean_env()
 
     # -- environment ------------------------------------------------------------------
@@ -294,6 +340,8 @@ class Bench:
         out = {"KAFKA_SESSION_TIMEOUT_MS": str(self.args.session_timeout_ms)}
         if not self.args.service_defaults:
             out.update(BENCH_PROFILE)
+            if self.args.tansu:
+                out.update(TANSU_PROFILE)
         for kv in self.args.service_env:
             k, _, v = kv.partition("=")
             out[k] = v
@@ -310,30 +358,87 @@ class Bench:
     def start_broker(self) -> None:
         if self.args.brokers:
             self.brokers = self.args.brokers
+            self.broker_kind = "external"
             log(f"broker: using {self.brokers} (--brokers)")
             return
+        if self.args.tansu:
+            self.start_tansu()
+        else:
+            self.start_kafka()
+
+    def start_kafka(self) -> None:
+        """A private single-node Apache Kafka (KRaft) through `scripts/kafka node`, so the
+        broker's settings are the tests' and run-local's; data in the work dir, deleted after."""
+        port, cport = free_port(), free_port()
+        argv = [ROOT / "scripts" / "kafka", "node", "--dir", self.workdir / "kafka",
+                "--port", port, "--controller-port", cport]
+        for kv in self.args.kafka_set:
+            argv += ["--set", kv]
+        env = dict(self.clean_env)
+        env.setdefault("KAFKA_HEAP", self.args.kafka_heap)
+        self.broker = self.spawn("kafka", argv, env)
+        started = time.monotonic()
+
+        def serving() -> bool:
+            if not self.broker.alive():
+                die(f"Kafka exited during start-up: {self.broker.tail(30)}")
+            return port_open(port) and "Kafka Server started" in self.broker.tail(400)
+
+        if not wait_until(180, serving, 0.2):
+            die(f"Kafka did not serve on {port} within 180s: {self.broker.tail(30)}")
+        self.brokers = f"127.0.0.1:{port}"
+        self.broker_kind = "kafka"
+        log(f"broker: private Apache Kafka on {self.brokers} (pid {self.broker.pid}, heap "
+            f"{env['KAFKA_HEAP']}), serving after {time.monotonic() - started:.1f}s")
+
+    def start_tansu(self) -> None:
         port = free_port()
         url = f"tcp://127.0.0.1:{port}"
-        self.tansu = self.spawn(
+        self.broker = self.spawn(
             "tansu",
-            [self.args.tansu, "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
+            [self.args.tansu_bin, "broker", "--listener-url", url, "--advertised-listener-url",
+             url, "--storage-engine", "memory://tansu/"],
         )
         if not wait_until(15, lambda: port_open(port)):
-            die(f"tansu did not listen on {port}: {self.tansu.tail()}")
+            die(f"tansu did not listen on {port}: {self.broker.tail()}")
         self.brokers = f"127.0.0.1:{port}"
-        log(f"broker: private tansu (memory storage) on {self.brokers}, pid {self.tansu.pid}")
+        self.broker_kind = "tansu"
+        log(f"broker: private tansu (memory storage) on {self.brokers}, pid {self.broker.pid}")
+
+    def broker_roles(self) -> dict[int, str]:
+        return {self.broker.pid: self.broker_kind} if self.broker is not None else {}
 
     def create_topic(self, name: str) -> str:
         topic = f"bench-{name}-{self.id}"
-        if self.tansu is not None or self.args.tansu:
+        if self.broker_kind == "tansu":
             r = subprocess.run(
-                [self.args.tansu, "topic", "create", "--broker", f"tcp://{self.brokers}",
+                [self.args.tansu_bin, "topic", "create", "--broker", f"tcp://{self.brokers}",
                  "--partitions", str(self.args.partitions), topic],
                 capture_output=True, text=True, timeout=60,
             )
             if r.returncode != 0:
                 die(f"cannot create topic {topic}: {r.stderr.strip()}")
+            return topic
+        # Kafka (auto.create.topics.enable=false in scripts/kafka): create it and wait until
+        # every partition has a leader.
+        from confluent_kafka.admin import AdminClient, NewTopic
+
+        admin = AdminClient({"bootstrap.servers": self.brokers})
+        fut = admin.create_topics([NewTopic(topic, self.args.partitions, 1)],
+                                  operation_timeout=30)[topic]
+        try:
+            fut.result(timeout=60)
+        except Exception as e:  # noqa: BLE001 - reported and fatal
+            die(f"cannot create topic {topic}: {e}")
+
+        def led() -> bool:
+            md = admin.list_topics(topic, timeout=10).topics.get(topic)
+            return (md is not None and md.error is None
+                    and len(md.partitions) == self.args.partitions
+                    and all(p.leader >= 0 for p in md.partitions.values()))
+
+        if not wait_until(30, led, 0.2):
+            die(f"topic {topic} has no leader for every partition after 30s")
         return topic
 
     def produce(self, topic: str, count: int, rate: int, seed: int = 42, name: str = "produce",
@@ -376,8 +481,8 @@ class Bench:
         name = f"na_bench_{phase}_{self.id}"
         with self.connect(admin) as c:
             c.execute(f"CREATE DATABASE {name}")
-        if admin_url is None:
-            self.databases.append((admin, name))
+        if self.private_pg is None or admin != self.private_pg.admin_url:
+            self.databases.append((admin, name))  # the private cluster is deleted whole
         url = with_database(admin, name)
         if migrate:
             env = dict(self.clean_env, DATABASE_URL=url, LOG_LEVEL="warn")
@@ -469,7 +574,7 @@ class Bench:
         n = self.args.events
         url = self.fresh_db("svc")
         self.svc_url = url
-        before = cpu_snapshot()
+        tracker = CpuTracker()
         svc, port = self.start_service("service-throughput", url, self.topic)
         rss = RssSampler(svc.pid)
         first = None
@@ -486,7 +591,7 @@ class Bench:
         perf = self.start_perf() if self.args.profile else None
         ok = wait_until(self.args.timeout, progress, 0.05)
         done = time.monotonic()
-        after = cpu_snapshot()
+        tracker.stop()
         if perf:
             self.stop_perf(perf)
         write_sum, batches = self.histogram(port, "analytics_db_write_duration_seconds")
@@ -508,6 +613,8 @@ class Bench:
         self.res.rate("service_eps", "service", "throughput", eps,
                       f"{fmt_int(n)} rows in {total:.2f}s from process start "
                       f"(first row after {first - svc.started:.2f}s; {fmt_int(steady)}/s after it)")
+        self.res.add("service", "throughput after first row", f"{fmt_int(steady)}/s",
+                     "the steady state: the group join excluded (most of a --quick run)")
         wall = done - svc.started
         startup = (first or done) - svc.started
         self.res.add("service", "time budget",
@@ -517,15 +624,28 @@ class Bench:
                      f"{batches:.0f} writes, mean {1000 * write_sum / max(batches, 1):.1f} ms "
                      f"({1e6 * write_sum / n:.1f} µs/row)")
         self.res.add("service", "peak RSS", f"{rss.hwm_kib / 1024:.1f} MiB", "VmHWM")
-        roles = {svc.pid: "service"}
-        if self.tansu:
-            roles[self.tansu.pid] = "tansu"
-        cpu = cpu_breakdown(before, after, roles)
-        parts = ", ".join(
-            f"{k} {v / wall:.2f}" for k, v in sorted(cpu.items(), key=lambda kv: -kv[1]) if v > 0.05
-        )
-        self.res.add("service", "CPU (cores)", f"{sum(cpu.values()) / wall:.2f} of {os.cpu_count()}",
-                     parts)
+        roles = {svc.pid: "service", **self.broker_roles()}
+        cpu = tracker.breakdown(roles, self.postmaster())
+        self.cpu_row("service", n, wall, cpu, "service_cpu_s_per_m")
+
+    def postmaster(self) -> int | None:
+        """The pid of the private cluster's postmaster when the phases' database is there."""
+        pg = self.private_pg
+        if pg is None or self.admin_url != pg.admin_url:
+            return None
+        return pg.postmaster_pid()
+
+    def cpu_row(self, phase: str, n: int, wall: float, cpu: dict[str, float], key: str) -> None:
+        """CPU (cores) by process, and CPU-seconds per million events of the path under test
+        (its own process, the broker and PostgreSQL; other processes excluded)."""
+        per_m = 1e6 * pipeline_cpu(cpu) / max(n, 1)
+        self.res.values[key] = per_m
+        self.res.add(phase, "CPU (cores)", f"{sum(cpu.values()) / wall:.2f} of {os.cpu_count()}",
+                     cpu_parts(cpu, wall))
+        self.res.add(phase, "CPU-s per 1M events", f"{per_m:.1f}",
+                     "every process of the path (" + ", ".join(
+                         k for k in sorted(cpu) if k not in ("other", "bench driver"))
+                     + f"); others used {cpu.get('other', 0) / wall:.2f} cores meanwhile")
 
     def phase_copy(self) -> None:
         n = self.args.events
@@ -625,19 +745,152 @@ class Bench:
             env = dict(self.clean_env)
             argv = [sys.executable, Path(__file__).resolve(), "--python-worker", mode,
                     self.brokers, self.topic, url, str(n), str(self.args.session_timeout_ms)]
-            child, out = self.run_client(f"python baseline ({mode})", f"python-{mode}", argv, env,
-                                         timeout=self.args.timeout)
+            tracker = CpuTracker()
+            child = self.spawn(f"python-{mode}", argv, env)
+            rss = RssSampler(child.pid)
+            rc = child.proc.wait(timeout=self.args.timeout)
+            tracker.stop()
+            rss.stop()
+            child.stop()
+            out = parse_json_line(child)
+            if rc != 0 or not out:
+                die(f"python baseline ({mode}) failed: {child.tail()}")
             total = out["done_wall"] - child.started_wall
+            cpu = tracker.breakdown({child.pid: "python", **self.broker_roles()},
+                                    self.postmaster())
+            per_m = 1e6 * pipeline_cpu(cpu) / n
             rows = self.scalar(url, "SELECT count(*) FROM analytics.events")
             if rows != n:
                 die(f"python baseline ({mode}) stored {rows} rows, expected {n}")
             eps = n / total
             best = max(best, eps)
+            steady = n / max(out["done_s"] - out["first_s"], 1e-9)
+            self.res.peers[f"python ({mode})"] = {
+                "eps": eps, "steady": steady, "rss": rss.hwm_kib / 1024, "cpu": per_m}
             self.res.add("baseline", f"python batched ({mode})", f"{fmt_int(eps)}/s",
                          f"confluent-kafka + psycopg, batches of {out['batch']}, {total:.2f}s from "
                          f"start ({fmt_int(n / max(out['done_s'] - out['first_s'], 1e-9))}/s after "
-                         f"first batch)")
+                         f"first batch); {per_m:.1f} CPU-s per 1M events "
+                         f"(python, broker, postgres)")
         self.res.values["python_eps"] = best
+
+    def phase_connect(self) -> None:
+        """Kafka Connect (standalone) + a JDBC sink: the peer a platform team would pick.
+
+        `scripts/install-tools connect` resolves the worker and a JDBC sink plugin from Maven
+        Central; when the registry refused the sink (recorded in sink.refused) the peer is
+        reported as blocked, with what was refused, and the worker alone is started on the
+        same broker to show what the JVM costs before it does any work."""
+        home = Path(self.args.connect_home).resolve()
+        refused = home / "sink.refused"
+        if not (home / "worker").is_dir():
+            self.res.add("peer", "Kafka Connect + JDBC sink", "not installed",
+                         f"no worker jars in {home} (scripts/install-tools connect)")
+            return
+        if not (home / "sink.installed").exists():
+            text = refused.read_text() if refused.exists() else ""
+            why = (text.splitlines()[1:2] or ["no sink plugin resolved"])[0]
+            m = re.search(r"([\w.-]+:[\w.-]+:jar:[\w.-]+)[^:]*?(?:was not found|in central)", why)
+            what = m.group(1) if m else why[:160]
+            self.res.add("peer", "Kafka Connect + JDBC sink", "blocked",
+                         f"Maven Central refused {what}: not measured (the other sinks "
+                         "tried: docs/benchmark.md, Peers)")
+            self.connect_idle(home)
+            return
+        self.res.add("peer", "Kafka Connect + JDBC sink", "not run",
+                     "a sink plugin resolved, but its phase is not written yet: docs/benchmark.md, "
+                     "Peers, has the configuration to run")
+        self.connect_idle(home)
+
+    def connect_worker_props(self, home: Path, rest_port: int) -> Path:
+        props = self.workdir / "connect-worker.properties"
+        props.write_text(
+            f"bootstrap.servers={self.brokers}\n"
+            "key.converter=org.apache.kafka.connect.storage.StringConverter\n"
+            "value.converter=org.apache.kafka.connect.json.JsonConverter\n"
+            "value.converter.schemas.enable=true\n"
+            f"offset.storage.file.filename={self.workdir / 'connect.offsets'}\n"
+            "offset.flush.interval.ms=1000\n"
+            f"plugin.path={home / 'sink'}\n"
+            f"listeners=http://127.0.0.1:{rest_port}\n")
+        return props
+
+    def connect_idle(self, home: Path) -> None:
+        """The worker with no connector on the benchmark's broker: start-up time and RSS."""
+        rest = free_port()
+        props = self.connect_worker_props(home, rest)
+        # connect-standalone.sh's heap (-Xms256M -Xmx2G) and the broker's log4j2 layout.
+        argv = ["java", "-Xms256m", "-Xmx2g", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+                f"-Dlog4j2.configurationFile={ROOT / 'scripts/lib/kafka/log4j2.properties'}",
+                "-cp", f"{home / 'worker'}/*", "org.apache.kafka.connect.cli.ConnectStandalone",
+                props]
+        worker = self.spawn("connect-worker-idle", argv)
+        rss = RssSampler(worker.pid)
+
+        def up() -> bool:
+            if not worker.alive():
+                return True
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{rest}/", timeout=1) as r:
+                    return r.status == 200
+            except OSError:
+                return False
+
+        ok = wait_until(120, up, 0.2)
+        ready = time.monotonic() - worker.started
+        if not ok or not worker.alive():
+            rss.stop()
+            worker.stop()
+            self.res.add("peer", "  Connect worker alone", "did not start",
+                         f"log {worker.log_path}: {worker.tail(3)}")
+            return
+        time.sleep(5)
+        rss.stop(self.logdir / "rss-connect-idle.csv")
+        worker.stop()
+        self.res.values["connect_idle_rss_mib"] = rss.hwm_kib / 1024
+        self.res.add("peer", "  Connect worker alone", f"{rss.hwm_kib / 1024:.1f} MiB RSS",
+                     f"connect-runtime {self.args.kafka_version} standalone, no connector, "
+                     f"REST up after {ready:.1f}s, 5 s idle (VmHWM; -Xms256m -Xmx2g as "
+                     "connect-standalone.sh); not a throughput figure")
+
+    def phase_kill(self) -> None:
+        """kill -9 of the service mid-stream, restarted at once: rows vs produced."""
+        rate, secs = self.args.rate, self.args.kill_secs
+        count = rate * secs
+        url = self.fresh_db("kill")
+        topic = self.create_topic("kill")
+        svc, port = self.start_service("service-kill-1", url, topic)
+        self.wait_assigned(svc, port)
+        producer = self.produce(topic, count, rate, seed=11, name="produce-kill", background=True)
+        time.sleep(secs * 0.4)
+        stored_before = self.metric(port, "analytics_events_stored_total") or 0
+        os.kill(svc.pid, signal.SIGKILL)
+        svc.proc.wait()
+        killed = time.monotonic()
+        log(f"kill: SIGKILL of the service after {stored_before:.0f} rows stored; restarting")
+        svc2, port2 = self.start_service("service-kill-2", url, topic)
+
+        def distinct() -> int:
+            return self.scalar(url, "SELECT count(DISTINCT (kafka_topic, kafka_partition, "
+                                    "kafka_offset)) FROM analytics.events")
+
+        if producer.proc.wait(timeout=secs + 120) != 0:
+            die(f"kill producer failed: {producer.tail()}")
+        producer.stop()
+        ok = wait_until(120, lambda: svc2.alive() and distinct() >= count, 0.5)
+        caught = time.monotonic() - killed
+        redelivered = self.metric(port2, "analytics_events_duplicates_total") or 0
+        svc2.stop()
+        rows = self.scalar(url, "SELECT count(*) FROM analytics.events")
+        dist = distinct()
+        lost, dup = count - dist, rows - dist
+        self.res.values["kill_lost"] = lost
+        self.res.values["kill_duplicated"] = dup
+        self.res.add("kill -9", f"service @{fmt_int(rate)}/s", f"lost {lost}, duplicated {dup}",
+                     f"{fmt_int(count)} produced, {fmt_int(rows)} rows, {fmt_int(dist)} distinct; "
+                     f"killed after {fmt_int(stored_before)} stored, restarted at once; "
+                     f"{redelivered:.0f} redelivered records skipped; all stored "
+                     f"{caught:.1f}s after the kill" + ("" if ok else " (NOT all within 120 s)"))
 
     def phase_latency(self) -> None:
         rate, secs, warm = self.args.rate, self.args.latency_secs, self.args.latency_warm_secs
@@ -654,13 +907,13 @@ class Bench:
         probe_env.update({k: v for k, v in self.settings().items() if k.startswith("KAFKA_PROPERTY_")})
         probe = self.spawn("broker-latency", [self.clients_bin, "latency", self.brokers, topic,
                                               count, warm], probe_env)
-        before = cpu_snapshot()
+        tracker = CpuTracker()
         started = time.monotonic()
         self.produce(topic, count, rate, seed=7, name="produce-latency")
         produce_s = time.monotonic() - started
         ok = self.wait_stored(svc, port, count, timeout=120)
         wall = time.monotonic() - started
-        after = cpu_snapshot()
+        tracker.stop()
         write_sum, batches = self.histogram(port, "analytics_db_write_duration_seconds")
         rss.stop(self.logdir / "rss-latency.csv")
         svc.stop()
@@ -713,13 +966,10 @@ class Bench:
                      "transaction start -> commit")
         self.res.add("latency", "batches", f"{n_per(count, batches)} events/batch",
                      f"{batches:.0f} writes, mean {1000 * write_sum / max(batches, 1):.1f} ms")
-        roles = {svc.pid: "service"}
-        if self.tansu:
-            roles[self.tansu.pid] = "tansu"
-        cpu = cpu_breakdown(before, after, roles)
+        roles = {svc.pid: "service", **self.broker_roles()}
+        cpu = tracker.breakdown(roles, self.postmaster())
         self.res.add("latency", "CPU (cores)", f"{sum(cpu.values()) / wall:.2f} of {os.cpu_count()}",
-                     ", ".join(f"{k} {v / wall:.2f}" for k, v in
-                               sorted(cpu.items(), key=lambda kv: -kv[1]) if v > 0.05))
+                     cpu_parts(cpu, wall) + " (other: the producer and the probe included)")
         self.res.add("latency", "peak RSS", f"{rss.hwm_kib / 1024:.1f} MiB", "VmHWM")
 
     def phase_outage(self) -> None:
@@ -823,6 +1073,8 @@ class Bench:
         phases = [p for p in PHASES if p not in self.args.skip]
         try:
             self.start_broker()
+            if self.admin_url is None:
+                self.admin_url = self.ensure_private_pg().admin_url
             for p in phases:
                 t = time.monotonic()
                 log(f"--- phase {p}")
@@ -877,21 +1129,77 @@ class Bench:
                 print()
                 continue
             print(f"{p:<{w[0]}}  {m:<{w[1]}}  {val:>{w[2]}}  {d}")
+        self.print_peers()
         print("\nservice settings: " + " ".join(f"{k}={v}" for k, v in self.settings().items())
               + " (others: the service's defaults)")
+        print(f"broker: {self.broker_kind} {self.brokers}; database: "
+              + ("private cluster" if self.args.admin_url is None
+                 else "the server of --admin-url"))
         print(f"logs: {self.logdir}")
+
+        def num(key: str, fmt: str = ".0f") -> str:
+            return format(v[key], fmt) if key in v else "na"
+
+        connect = v.get("connect_eps")
+        r_connect = f"{svc / connect:.2f}" if connect else "na"
         print(
             f"RESULT service_eps={svc:.0f} copy_eps={v.get('copy_eps', 0):.0f} "
             f"broker_eps={v.get('broker_eps', 0):.0f} naive_eps={v.get('naive_eps', 0):.0f} "
             f"python_eps={v.get('python_eps', 0):.0f} copy1_eps={v.get('copy1_eps', 0):.0f} "
             f"service_steady_eps={v.get('service_steady_eps', 0):.0f} ratio_vs_limit={r_limit:.2f} "
             f"ratio_vs_naive={r_naive:.1f} ratio_vs_python={r_python:.1f} "
-            f"p99_ms={v.get('p99_ms', 0):.1f} rss_mib={v.get('rss_mib', 0):.1f}",
+            f"p99_ms={v.get('p99_ms', 0):.1f} rss_mib={v.get('rss_mib', 0):.1f} "
+            f"connect_eps={num('connect_eps')} rpconnect_eps=na ratio_vs_connect={r_connect} "
+            f"ratio_vs_rpconnect=na connect_rss_mib={num('connect_rss_mib', '.1f')} "
+            f"rpconnect_rss_mib=na cpu_s_per_m={num('service_cpu_s_per_m', '.1f')} "
+            f"service_rss_mib={num('service_rss_mib', '.1f')} "
+            f"kill_lost={num('kill_lost')} kill_duplicated={num('kill_duplicated')} "
+            f"broker={self.broker_kind}",
             flush=True,
         )
 
+    def print_peers(self) -> None:
+        """The side-by-side table: the service and every peer/baseline on the same topic,
+        database server and machine in this run."""
+        v = self.res.values
+        rows = []
+        if "service_eps" in v:
+            rows.append(("nexus-analytics", v["service_eps"], v.get("service_steady_eps"),
+                         v.get("p99_ms"), v.get("service_rss_mib"), v.get("service_cpu_s_per_m"),
+                         (f"lost {v['kill_lost']:.0f} / dup {v['kill_duplicated']:.0f}"
+                          if "kill_lost" in v else "-"), ""))
+        connect = next((r for r in self.res.rows if r[0] == "peer" and r[1].startswith("Kafka")),
+                       None)
+        if connect is not None:
+            idle = v.get("connect_idle_rss_mib")
+            rows.append(("Kafka Connect + JDBC sink", v.get("connect_eps"), None, None,
+                         v.get("connect_rss_mib"), None, "-",
+                         connect[2] + (f" (worker alone: {idle:.0f} MiB RSS)" if idle else "")))
+        rows.append(("Redpanda Connect", None, None, None, None, None, "-",
+                     "not built: licence-barred; benthos core has no kafka/sql components"))
+        for name, p in self.res.peers.items():
+            rows.append((name, p["eps"], p["steady"], None, p["rss"], p["cpu"], "-", ""))
+        if "naive_eps" in v:
+            rows.append(("naive (INSERT+commit/event)", v["naive_eps"], None, None, None, None,
+                         "-", "time-capped"))
 
-PHASES = ["preload", "service", "copy", "broker", "naive", "python", "latency", "outage"]
+        def f(x, fmt):
+            return "-" if x is None else format(x, fmt)
+
+        head = ("path", "events/s", "after 1st row", "p99 ms", "peak RSS MiB", "CPU-s/1M",
+                "kill -9", "note")
+        table = [head] + [(r[0], f(r[1], ",.0f"), f(r[2], ",.0f"), f(r[3], ".1f"),
+                           f(r[4], ".1f"), f(r[5], ".1f"), r[6], r[7]) for r in rows]
+        w = [max(len(t[i]) for t in table) for i in range(7)]
+        print("\nside by side (same broker, same database server, same machine, this run; "
+              "p99 at the fixed rate, RSS of the path's own process)")
+        for t in table:
+            print("  ".join(t[i].ljust(w[i]) if i == 0 else t[i].rjust(w[i]) for i in range(7))
+                  + ("  " + t[7] if t[7] else ""))
+
+
+PHASES = ["preload", "service", "copy", "broker", "naive", "python", "connect", "kill", "latency",
+          "outage"]
 
 
 def n_per(rows: float, batches: float) -> str:
@@ -959,6 +1267,12 @@ class PrivatePostgres:
         opts = (f"-p {self.port} -k {self.base} -c listen_addresses=127.0.0.1 "
                 f"-c track_commit_timestamp=on {os.environ.get('BENCH_PG_OPTS', '')}")
         self._run("pg_ctl", "-D", str(self.data), "-l", str(self.log), "-o", opts, "-w", "start")
+
+    def postmaster_pid(self) -> int | None:
+        try:
+            return int((self.data / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
 
     def stop(self) -> None:
         """Stops immediately, like a crash."""
@@ -1073,6 +1387,8 @@ def main() -> int:
     p.add_argument("--latency-secs", type=int, help="default 60 (quick: 15)")
     p.add_argument("--down-secs", type=int, help="PostgreSQL outage (default 30, quick: 10)")
     p.add_argument("--naive-secs", type=float, help="time cap of the naive baseline (20/10)")
+    p.add_argument("--kill-secs", type=int, help="kill -9 phase: seconds of stream at --rate, "
+                                                 "the kill at 40 %% (default 30, quick: 10)")
     p.add_argument("--python-mode", choices=["both", "executemany", "copy"], default="both")
     p.add_argument("--users", type=int, default=10_000)
     p.add_argument("--session-timeout-ms", type=int, default=6000,
@@ -1090,12 +1406,25 @@ def main() -> int:
                                                    str(ROOT / "target/release/nexus-analytics")))
     p.add_argument("--clients-bin", default=os.environ.get(
         "BENCH_CLIENTS_BIN", str(ROOT / "target/release/examples/bench_clients")))
-    p.add_argument("--tansu", default=os.environ.get("TANSU_BIN", str(ROOT / ".tools/bin/tansu")))
-    p.add_argument("--brokers", help="use this broker instead of a private tansu")
-    p.add_argument("--admin-url", default=os.environ.get(
-        "BENCH_DATABASE_URL", os.environ.get("TEST_DATABASE_URL",
-                                             "postgres://postgres@127.0.0.1:5432/postgres")),
-                   help="admin URL of the PostgreSQL for the throughput phases")
+    p.add_argument("--tansu", action="store_true",
+                   help="run a private tansu (memory storage) instead of Apache Kafka, with "
+                        f"{' '.join(f'{k}={v}' for k, v in TANSU_PROFILE.items())}")
+    p.add_argument("--tansu-bin", default=os.environ.get("TANSU_BIN",
+                                                         str(ROOT / ".tools/bin/tansu")))
+    p.add_argument("--kafka-heap", default=os.environ.get("BENCH_KAFKA_HEAP", "512m"),
+                   help="heap of the private Kafka broker (default 512m)")
+    p.add_argument("--kafka-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="extra setting of the private Kafka broker (repeatable)")
+    p.add_argument("--brokers", help="use this broker instead of a private one (topics are "
+                                     "created on it: unique names, left behind)")
+    p.add_argument("--admin-url", default=os.environ.get("BENCH_DATABASE_URL"),
+                   help="admin URL of an existing PostgreSQL for the throughput phases (default: "
+                        "the private cluster the benchmark starts; CPU per process is then exact)")
+    p.add_argument("--connect-home", default=os.environ.get(
+        "BENCH_CONNECT_HOME", str(ROOT / ".tools/connect")),
+        help="Kafka Connect worker + sink plugin folder (scripts/install-tools connect)")
+    p.add_argument("--kafka-version", default=os.environ.get("KAFKA_VERSION", "4.1.1"),
+                   help=argparse.SUPPRESS)
     p.add_argument("--timeout", type=float, default=900, help="per-phase timeout (s)")
     p.add_argument("--keep", action="store_true", help="keep the databases")
     p.add_argument("--log-dir")
@@ -1105,12 +1434,13 @@ def main() -> int:
     args.latency_secs = args.latency_secs or (15 if q else 60)
     args.down_secs = args.down_secs or (10 if q else 30)
     args.naive_secs = args.naive_secs or (10 if q else 20)
+    args.kill_secs = args.kill_secs or (10 if q else 30)
     args.outage_warm_secs = 3 if q else 5
     args.latency_warm_secs = 3 if q else 5
     args.outage_after_secs = 3 if q else 5
     for path, what in ((args.bin, "nexus-analytics"), (args.clients_bin, "bench_clients"),
-                       (args.tansu, "tansu")):
-        if not Path(path).exists() and not (what == "tansu" and args.brokers):
+                       (args.tansu_bin, "tansu")):
+        if not Path(path).exists() and not (what == "tansu" and not args.tansu):
             die(f"{what} not found at {path}")
     return Bench(args).run()
 
