@@ -2,7 +2,8 @@
 
 Run through `scripts/bench-api` (which builds the release binary and picks the .tools/venv
 Python); see `scripts/bench-api --help`. It reuses scripts/lib/bench.py's broker, database
-and process helpers, so it runs on whatever broker that uses (a private tansu, or --brokers).
+and process helpers, so it runs on whatever broker that uses (a private Apache Kafka by default,
+tansu with --tansu, or --brokers).
 
 Phases
   large-rows  a fresh database with N events of ~K KiB `data` each (SQL, no broker):
@@ -347,14 +348,14 @@ class ApiBench(b.Bench):
         elif mode == "own":
             api_child, api_port, _ = self.start_api("api-own", url)
             samplers["api"] = b.RssSampler(api_child.pid)
-        if self.tansu:
-            samplers.setdefault("tansu", b.RssSampler(self.tansu.pid))
+        if self.broker is not None:
+            samplers.setdefault(self.broker_kind, b.RssSampler(self.broker.pid))
         hammer = None
         if api_port:
             large_to = "2026-01-01T00:10:00Z"  # pages over the band of large rows
             hammer = Hammer(api_port, self.args.clients, self.args.users, large_to)
             hammer.start()
-        before = b.cpu_snapshot()
+        cpu_tracker = b.CpuTracker()
         started = time.monotonic()
         producer = self.produce(topic, count, rate, seed=11, name=f"produce-{mode}", background=True)
         samplers["producer"] = b.RssSampler(producer.pid)
@@ -365,13 +366,10 @@ class ApiBench(b.Bench):
         done = self.wait_stored(svc, mport, count, timeout=120)
         wall = (done or time.monotonic()) - started
         api_stats = hammer.finish() if hammer else None
-        after = b.cpu_snapshot()
-        roles = {svc.pid: "consumer"}
+        roles = {svc.pid: "consumer", **self.broker_roles()}
         if api_child:
             roles[api_child.pid] = "api"
-        if self.tansu:
-            roles[self.tansu.pid] = "tansu"
-        cpu = b.cpu_breakdown(before, after, roles)
+        cpu = cpu_tracker.stop().breakdown(roles, postmaster=None)
         for name, s in samplers.items():
             s.stop(self.logdir / f"rss-load-{mode}-{name}.csv")
         producer.stop()
@@ -484,8 +482,12 @@ def main() -> int:
     p.add_argument("--service-defaults", action="store_true")
     p.add_argument("--service-env", action="append", default=[], metavar="K=V")
     p.add_argument("--bin", default=os.environ.get("NEXUS_BIN", str(ROOT / "target/release/nexus-analytics")))
-    p.add_argument("--tansu", default=os.environ.get("TANSU_BIN", str(ROOT / ".tools/bin/tansu")))
-    p.add_argument("--brokers", help="use this broker instead of a private tansu")
+    p.add_argument("--tansu", action="store_true",
+                   help="a private tansu instead of Apache Kafka (fast extra, not the reference)")
+    p.add_argument("--tansu-bin", default=os.environ.get("TANSU_BIN", str(ROOT / ".tools/bin/tansu")))
+    p.add_argument("--kafka-heap", default=os.environ.get("BENCH_KAFKA_HEAP", "512m"))
+    p.add_argument("--kafka-set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--brokers", help="use this broker instead of a private Apache Kafka")
     p.add_argument("--admin-url", default=os.environ.get(
         "BENCH_DATABASE_URL", os.environ.get("TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")))
     p.add_argument("--large-db", help="database already holding the large rows (skip the insert)")
