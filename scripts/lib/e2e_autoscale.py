@@ -571,17 +571,48 @@ class Scenario:
         log(f"plot: {out.relative_to(ROOT)}")
 
     # ------------------------------------------------------------ setup/teardown
-    def setup(self) -> None:
+    def prove_pods(self) -> None:
+        """Endpoints are the Pod IPs kwok assigned, and /metrics answers there."""
+        def endpoints():
+            ep = kjson("get", "endpoints", self.fullname, "-n", self.ns)
+            ips = [a["ip"] for ss in ep.get("subsets", []) for a in ss.get("addresses", [])]
+            return ips or None
+
+        ips = wait_until("the Service's Endpoints", endpoints, 60, 1)
+        port = 9090
+
+        def scraped():
+            self.check_alive("pod-runner")
+            with urllib.request.urlopen(f"http://{ips[0]}:{port}/metrics", timeout=3) as r:
+                return "analytics_" in r.read().decode()
+
+        wait_until(f"/metrics on the Pod IP {ips[0]}:{port}", scraped, 90, 2)
+        self.proofs.append(f"endpoints={ips} metrics_on_pod_ip=yes")
+        log(f"PROOF pods: {self.proofs[-1]}")
+
+    def setup(self, until: str) -> bool:
+        """Brings the stack up to `until`; True when the scenario should run."""
         kubectl("create", "namespace", self.ns)
         self.create_topic()
         self.create_database()
-        self.start_operator()
+        if until == "pods":
+            for f in ("servicemonitors", "prometheusrules"):
+                kubectl("apply", "--server-side", "-f",
+                        str(ROOT.parent / "shared/schemas/prometheus-operator" / f"monitoring.coreos.com_{f}.yaml"))
+        else:
+            self.start_operator()
         self.install_chart()
-        self.apply_prometheus_resource()
         self.start_pod_runner()
+        self.prove_pods()
+        if until == "pods":
+            return False
+        self.apply_prometheus_resource()
         self.start_prometheus()
         self.prove_prometheus()
+        if until == "prometheus":
+            return False
         self.start_adapter()
+        return until == "scenario"
 
     def teardown(self) -> None:
         keep = os.environ.get("E2E_KEEP") == "1"
@@ -620,26 +651,32 @@ class Scenario:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--partitions", type=int, default=6)
-    p.add_argument("--backlog", type=int, default=60000, help="events produced")
-    p.add_argument("--rate", type=int, default=1500, help="events/s while producing")
-    p.add_argument("--lag-per-replica", type=int, default=2000)
+    p.add_argument("--backlog", type=int, default=120000, help="events produced")
+    p.add_argument("--rate", type=int, default=3000, help="events/s while producing")
+    p.add_argument("--lag-per-replica", type=int, default=5000)
     p.add_argument("--batch-max-events", type=int, default=5,
                    help="BATCH_MAX_EVENTS of the pods (small: one replica drains slower than the producer)")
     p.add_argument("--scale-down-window", type=int, default=30, help="scaleDown stabilizationWindowSeconds")
     p.add_argument("--sample-interval", type=float, default=3.0)
     p.add_argument("--timeout", type=float, default=1200, help="seconds for the whole scenario")
+    p.add_argument("--until", choices=["pods", "prometheus", "adapter", "scenario"], default="scenario",
+                   help="stop after this stage (pods: no autoscale tool needed)")
     args = p.parse_args()
     sc = Scenario(args)
     rc = 0
     errors = []
     try:
-        sc.setup()
-        try:
-            sc.scenario()
-        except Failed as e:
-            errors.append(f"scenario: {e}")
-        # The processed/duration series exist once events were processed: after the scenario.
-        sc.prove_metrics_and_rules()
+        if sc.setup(args.until):
+            try:
+                sc.scenario()
+            except Failed as e:
+                errors.append(f"scenario: {e}")
+        if "prometheus" in sc.procs:
+            if not sc.timeline:  # the processed/duration series need processed events
+                env = dict(os.environ, KAFKA_BROKERS=KAFKA, KAFKA_TOPICS=sc.topic)
+                run(BIN, "produce", "--count", "1000", "--rate", "0", "--topic", sc.topic, env=env)
+                time.sleep(15)
+            sc.prove_metrics_and_rules()
     except (Failed, subprocess.TimeoutExpired, KeyboardInterrupt) as e:
         errors.append(str(e))
     finally:
