@@ -20,7 +20,7 @@ On the local control plane (scripts/cluster up) and real Kafka/PostgreSQL:
    `AUTOSCALE kind=hpa ...`. rows (COUNT(*) in PostgreSQL) must equal produced.
 
 Environment (set by the wrapper): KUBECONFIG, K8S_STATE (.tools/run/k8s), TOOLS_BIN,
-NEXUS_ANALYTICS_BIN, PROM_OPERATOR_CRDS, KAFKA_BROKERS, DATABASE_URL (the dev database,
+NEXUS_ANALYTICS_BIN, PROM_OPERATOR_CRDS, SCHEMAS_DIR, KAFKA_BROKERS, DATABASE_URL (the dev database,
 used to create the test's own), E2E_KEEP=1 keeps namespaces, topic and database.
 """
 
@@ -53,6 +53,7 @@ K8S_STATE = Path(os.environ.get("K8S_STATE", ROOT / ".tools" / "run" / "k8s"))
 PKI = K8S_STATE / "pki"
 KAFKA = os.environ.get("KAFKA_BROKERS", "127.0.0.1:9092")
 DEV_DB = os.environ.get("DATABASE_URL", "postgres://nexus:nexus@127.0.0.1:5432/nexus_analytics")
+SCHEMAS = Path(os.environ.get("SCHEMAS_DIR", ROOT.parent / "shared" / "schemas"))
 ADAPTER_IP = "10.245.0.2"
 RELEASE = "nexus"
 SEED_METRICS = [
@@ -598,7 +599,7 @@ class Scenario:
         if until == "pods":
             for f in ("servicemonitors", "prometheusrules"):
                 kubectl("apply", "--server-side", "-f",
-                        str(ROOT.parent / "shared/schemas/prometheus-operator" / f"monitoring.coreos.com_{f}.yaml"))
+                        str(SCHEMAS / "prometheus-operator" / f"monitoring.coreos.com_{f}.yaml"))
         else:
             self.start_operator()
         self.install_chart()
