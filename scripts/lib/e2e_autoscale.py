@@ -157,6 +157,9 @@ class Scenario:
 
     # ------------------------------------------------------------ processes
     def spawn(self, name: str, argv: list[str], env=None) -> subprocess.Popen:
+        tool = next((a for a in argv if a.startswith(str(TOOLS))), None)
+        if tool and not os.path.exists(tool):
+            raise Failed(f"{tool} missing: scripts/install-tools autoscale-tools")
         out = open(self.run_dir / f"{name}.log", "ab")
         p = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         self.procs[name] = p
@@ -608,6 +611,13 @@ class Scenario:
         if until == "pods":
             return False
         self.apply_prometheus_resource()
+        if until == "operator":
+            cfg = self.generated_config()
+            (self.run_dir / "prometheus.yaml").write_text(cfg)
+            jobs = [ln.split(":", 1)[1].strip() for ln in cfg.splitlines() if ln.strip().startswith("- job_name:")]
+            self.proofs.append(f"operator_config jobs={jobs} api_server=yes ({self.run_dir.relative_to(ROOT)}/prometheus.yaml)")
+            log(f"PROOF operator: {self.proofs[-1]}")
+            return False
         self.start_prometheus()
         self.prove_prometheus()
         if until == "prometheus":
@@ -660,7 +670,7 @@ def main() -> int:
     p.add_argument("--scale-down-window", type=int, default=30, help="scaleDown stabilizationWindowSeconds")
     p.add_argument("--sample-interval", type=float, default=3.0)
     p.add_argument("--timeout", type=float, default=1200, help="seconds for the whole scenario")
-    p.add_argument("--until", choices=["pods", "prometheus", "adapter", "scenario"], default="scenario",
+    p.add_argument("--until", choices=["pods", "operator", "prometheus", "adapter", "scenario"], default="scenario",
                    help="stop after this stage (pods: no autoscale tool needed)")
     args = p.parse_args()
     sc = Scenario(args)
@@ -672,7 +682,7 @@ def main() -> int:
                 sc.scenario()
             except Failed as e:
                 errors.append(f"scenario: {e}")
-        if "prometheus" in sc.procs:
+        if "prometheus" in sc.procs and sc.procs["prometheus"].poll() is None:
             if not sc.timeline:  # the processed/duration series need processed events
                 env = dict(os.environ, KAFKA_BROKERS=KAFKA, KAFKA_TOPICS=sc.topic)
                 run(BIN, "produce", "--count", "1000", "--rate", "0", "--topic", sc.topic, env=env)
