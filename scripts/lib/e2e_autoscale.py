@@ -190,9 +190,12 @@ class Scenario:
 
     # ------------------------------------------------------------ kafka / postgres
     def kafka_admin(self):
-        from confluent_kafka.admin import AdminClient
+        # One client for the run: a dropped handle fails its pending futures (_DESTROY).
+        if getattr(self, "_admin", None) is None:
+            from confluent_kafka.admin import AdminClient
 
-        return AdminClient({"bootstrap.servers": KAFKA})
+            self._admin = AdminClient({"bootstrap.servers": KAFKA})
+        return self._admin
 
     def create_topic(self) -> None:
         from confluent_kafka.admin import NewTopic
@@ -650,7 +653,8 @@ class Scenario:
             return
         kubectl("delete", "namespace", self.ns, "--wait=false", check=False)
         try:
-            self.kafka_admin().delete_topics([self.topic, self.topic + ".dlq"])
+            for f in self.kafka_admin().delete_topics([self.topic, self.topic + ".dlq"]).values():
+                f.result(30)
         except Exception as e:  # noqa: BLE001 (best effort)
             log(f"topic deletion: {e}")
         try:
@@ -688,8 +692,10 @@ def main() -> int:
                 run(BIN, "produce", "--count", "1000", "--rate", "0", "--topic", sc.topic, env=env)
                 time.sleep(15)
             sc.prove_metrics_and_rules()
-    except (Failed, subprocess.TimeoutExpired, KeyboardInterrupt) as e:
-        errors.append(str(e))
+    except Exception as e:  # noqa: BLE001 (reported, then torn down)
+        errors.append(f"{type(e).__name__}: {e}")
+    except KeyboardInterrupt:
+        errors.append("interrupted")
     finally:
         sc.teardown()
     for e in errors:
