@@ -320,8 +320,8 @@ class Scenario:
         cfg = self.generated_config()
         rules_dir = self.run_dir / "rules"
         rules_dir.mkdir(exist_ok=True)
-        cms = kjson("get", "configmap", "-n", self.ns, "-l", "managed-by=prometheus-operator")["items"]
-        cms = cms or [kjson("get", "configmap", "prometheus-nexus-rulefiles-0", "-n", self.ns)]
+        cms = [cm for cm in kjson("get", "configmap", "-n", self.ns)["items"]
+               if cm["metadata"]["name"].startswith("prometheus-nexus-rulefiles-")]
         nrules = 0
         for cm in cms:
             d = rules_dir / cm["metadata"]["name"]
