@@ -9,13 +9,17 @@ resolved through the API), gives each its own METRICS_PORT, and sends SIGTERM wh
 Pod goes away or starts terminating (SIGKILL after the Pod's grace period).
 
     pod_runner.py --namespace NS --selector app.kubernetes.io/name=nexus-analytics \\
-        --binary target/debug/nexus-analytics [--metrics-port-base 19100]
+        --binary target/debug/nexus-analytics [--netns --bridge-port 9092 --bridge-port 5432]
+
+--netns (root): each process runs in a network namespace of its own holding the Pod IP
+kwok assigned (scripts/lib/netns.py), so the Service's Endpoints (the Pod IPs) are
+where Prometheus really scrapes it, on the container's own METRICS_PORT; each
+--bridge-port is forwarded from 127.0.0.1 inside to 127.0.0.1 of the host (Kafka,
+PostgreSQL). The namespace is deleted when the process exits. Without --netns every
+process shares the host's loopback with its own METRICS_PORT from --metrics-port-base.
 
 Talks to the API with kubectl (KUBECONFIG from the environment). One line per event
-on stdout: `POD start|stop|exit name=... pid=... port=...`.
-
-Not yet: network namespaces (each process bound to its Pod IP inside a namespace of
-the test's own), so scrapers still reach the processes through 127.0.0.1:<port>.
+on stdout: `POD start|stop|exit name=... pid=... ip=... port=...`.
 """
 
 from __future__ import annotations
@@ -29,6 +33,9 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import netns  # noqa: E402
 
 
 class EnvError(Exception):
@@ -113,6 +120,7 @@ class Proc:
     grace: int
     stop_sent: float | None = None
     log: object = field(default=None, repr=False)
+    net: "netns.PodNet | None" = None
 
 
 class Runner:
@@ -121,6 +129,7 @@ class Runner:
         self.procs: dict[str, Proc] = {}
         self.next_port = args.metrics_port_base
         self.stopping = False
+        self.bridge = netns.Bridge() if args.netns else None
 
     def kubectl_json(self, *what: str) -> dict:
         out = subprocess.run(
@@ -140,19 +149,38 @@ class Runner:
         except EnvError as e:
             print(f"POD skip name={name} reason={e!s}", flush=True)
             return
-        port = self.next_port
-        self.next_port += 1
-        env["METRICS_PORT"] = str(port)
-        # Every process shares loopback for now: no query API (API_PORT unset).
-        env.pop("API_PORT", None)
+        argv = [self.args.binary, *container.get("args", ["run"])]
+        net = None
+        if self.bridge is not None:
+            pod_ip = pod.get("status", {}).get("podIP")
+            if not pod_ip:
+                return  # kwok sets it with Running; next sync
+            port = int(env.get("METRICS_PORT", "9090"))
+            try:
+                net = netns.PodNet(name, pod_ip).up()
+                for bport in self.args.bridge_port:
+                    self.bridge.add(net.ns, bport)
+            except (RuntimeError, OSError) as e:
+                print(f"POD skip name={name} reason=netns: {e!s}", flush=True)
+                if net is not None:
+                    self.bridge.remove(net.ns)
+                    net.down()
+                return
+            argv = net.exec_argv(argv)
+        else:
+            pod_ip = "127.0.0.1"
+            port = self.next_port
+            self.next_port += 1
+            env["METRICS_PORT"] = str(port)
+            # Every process shares loopback: no query API (API_PORT unset).
+            env.pop("API_PORT", None)
         full_env = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LANG")}
         full_env.update(env)
         log = open(os.path.join(self.args.log_dir, f"{name}.log"), "ab")
-        argv = [self.args.binary, *container.get("args", ["run"])]
         popen = subprocess.Popen(argv, env=full_env, stdout=log, stderr=subprocess.STDOUT)
         grace = int(pod["spec"].get("terminationGracePeriodSeconds", 30))
-        self.procs[name] = Proc(name, popen, port, grace, log=log)
-        print(f"POD start name={name} pid={popen.pid} port={port}", flush=True)
+        self.procs[name] = Proc(name, popen, port, grace, log=log, net=net)
+        print(f"POD start name={name} pid={popen.pid} ip={pod_ip} port={port}", flush=True)
 
     def stop(self, proc: Proc) -> None:
         if proc.stop_sent is None and proc.popen.poll() is None:
@@ -169,6 +197,9 @@ class Runner:
                 continue
             print(f"POD exit name={name} pid={proc.popen.pid} rc={rc}", flush=True)
             proc.log.close()
+            if proc.net is not None:
+                self.bridge.remove(proc.net.ns)
+                proc.net.down()
             del self.procs[name]
 
     def sync(self) -> None:
@@ -207,6 +238,9 @@ def main() -> int:
     p.add_argument("--metrics-port-base", type=int, default=19100)
     p.add_argument("--interval", type=float, default=1.0)
     p.add_argument("--log-dir", default=".")
+    p.add_argument("--netns", action="store_true", help="one network namespace per Pod, holding its Pod IP")
+    p.add_argument("--bridge-port", type=int, action="append", default=[],
+                   help="with --netns: forward 127.0.0.1:PORT inside to the host's (repeatable)")
     return Runner(p.parse_args()).run()
 
 
