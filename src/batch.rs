@@ -1,231 +1,349 @@
-//! Batching policy and the offsets a batch may commit. Pure: no I/O, unit-tested.
+//! The batch in hand: what each consumed record became (a row, a routed copy, a dead letter,
+//! a skip), the offsets it may commit and what it reports once durable. No I/O: the
+//! [`Pipeline`](crate::pipeline::Pipeline) writes, sends and commits it.
 
-use std::collections::BTreeMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// What the consume loop does next with the batch in hand.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Step {
-    /// Keep consuming into it.
-    Fill,
-    /// Seal it and start its write.
-    Dispatch,
-    /// It is full and every write slot is taken: wait for the oldest write to finish.
-    WaitOldest,
+use opentelemetry::trace::SpanContext;
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::{Offset, TopicPartitionList};
+use tracing::warn;
+
+use crate::batch_policy::OffsetTracker;
+use crate::dead_letter::{DeadLetter, Forward};
+use crate::event::{RejectReason, Rejection};
+use crate::storage::{StorageError, StoredEvent, WriteOutcome};
+
+/// Links per batch span; enough to follow a sample of producers without bloating spans.
+const MAX_SPAN_LINKS: usize = 32;
+
+/// A write running on the runtime: its result and how long the database took.
+pub(crate) type Writing = tokio::task::JoinHandle<(Result<WriteOutcome, StorageError>, Duration)>;
+
+/// Where a consumed record sits in its partition, and what it weighs.
+#[derive(Debug, Clone)]
+pub(crate) struct Consumed<'a> {
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    /// Payload bytes, counted against the batch's byte limit.
+    pub bytes: usize,
+    /// The producer's trace context (its `traceparent` header), if any.
+    pub link: Option<SpanContext>,
 }
 
-/// When a batch is written: whichever limit is reached first.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BatchPolicy {
-    /// Events per batch.
-    pub max_events: usize,
-    /// Payload bytes per batch.
-    pub max_bytes: usize,
-    /// How long the first event of a batch may wait.
-    pub linger: Duration,
+/// What a consumed record became.
+#[derive(Debug)]
+#[expect(clippy::large_enum_variant, reason = "built and taken apart once per record, never kept")]
+pub(crate) enum Outcome {
+    /// Older than the retention horizon: counted, not stored; its offset commits.
+    Expired,
+    /// Refused before storage; goes to the dead-letter topic.
+    Rejected(DeadLetter),
+    /// Decoded and routed: stored (the row and its source record), copied elsewhere, both,
+    /// or skipped when neither.
+    Routed {
+        rule: Option<String>,
+        row: Option<(StoredEvent, OwnedMessage)>,
+        forward: Option<Forward>,
+    },
 }
 
-impl BatchPolicy {
-    /// True when a batch of this size must be written now.
-    pub fn is_full(&self, events: usize, bytes: usize) -> bool {
-        events >= self.max_events || bytes >= self.max_bytes
-    }
-
-    /// True when the batch must be written: full, or its oldest event has lingered enough.
-    pub fn is_due(
-        &self,
-        events: usize,
-        bytes: usize,
-        first_at: Option<Instant>,
-        now: Instant,
-    ) -> bool {
-        match first_at {
-            None => false,
-            Some(first) => self.is_full(events, bytes) || now.duration_since(first) >= self.linger,
-        }
-    }
-
-    /// The next step given the writes running. A due batch that finds every write slot taken
-    /// keeps filling up to its limits, so under a backlog batches grow (fewer, cheaper
-    /// statements) instead of the loop idling while the database works.
-    pub fn next_step(
-        &self,
-        events: usize,
-        bytes: usize,
-        first_at: Option<Instant>,
-        now: Instant,
-        (in_flight, max_in_flight): (usize, usize),
-    ) -> Step {
-        if !self.is_due(events, bytes, first_at, now) {
-            Step::Fill
-        } else if in_flight < max_in_flight {
-            Step::Dispatch
-        } else if self.is_full(events, bytes) {
-            Step::WaitOldest
-        } else {
-            Step::Fill
-        }
-    }
-
-    /// How long the consumer may block in `poll` without overrunning the linger deadline.
-    pub fn poll_timeout(
-        &self,
-        first_at: Option<Instant>,
-        now: Instant,
-        idle: Duration,
-    ) -> Duration {
-        match first_at {
-            None => idle,
-            Some(first) => (first + self.linger).saturating_duration_since(now).min(idle),
-        }
-    }
-}
-
-/// The next offset to commit per (topic, partition): one past the highest offset seen.
-///
-/// Kafka commits mean "resume here", so the value stored is `offset + 1`.
+/// What a successful flush did, for callers that report on it.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct OffsetTracker {
-    next: BTreeMap<(String, i32), i64>,
+pub struct FlushReport {
+    /// Records in the batch.
+    pub events: usize,
+    /// Rows inserted.
+    pub inserted: u64,
+    /// Rows already present.
+    pub duplicates: u64,
+    /// Records dead-lettered.
+    pub dead_lettered: usize,
 }
 
-impl OffsetTracker {
-    /// Records that `offset` of `topic`/`partition` is part of the batch.
-    pub fn observe(&mut self, topic: &str, partition: i32, offset: i64) {
-        let next = offset + 1;
-        match self.next.get_mut(&(topic.to_string(), partition)) {
-            Some(current) => *current = (*current).max(next),
-            None => {
-                self.next.insert((topic.to_string(), partition), next);
+/// Consumed records not yet committed, and what became of each.
+#[derive(Default)]
+pub(crate) struct Batch {
+    /// Shared with the write task while it runs; only this batch holds it otherwise.
+    rows: Arc<Vec<StoredEvent>>,
+    /// The consumed record behind each row, for dead-lettering rows PostgreSQL refuses.
+    sources: Vec<OwnedMessage>,
+    /// Letters not yet delivered (taken while sending, handed back when some fail).
+    pub dead: Vec<DeadLetter>,
+    /// Copies routing rules send elsewhere, not yet delivered (same hand-over as `dead`).
+    pub forwards: Vec<Forward>,
+    /// Offsets to commit, and the records consumed per partition: the batch's length.
+    offsets: OffsetTracker,
+    bytes: usize,
+    first_at: Option<Instant>,
+    /// The write started when the batch was sealed, until its result is taken.
+    pub writing: Option<Writing>,
+    /// Set once the rows are durable, so a retry after a dead-letter failure skips the insert.
+    written: Option<WriteOutcome>,
+    /// Reasons of the letters delivered.
+    pub dead_lettered: Vec<RejectReason>,
+    /// Producers' trace contexts (W3C `traceparent` headers) the batch span links to.
+    links: Vec<SpanContext>,
+    /// Events routing rules decided on, per rule; and how many were skipped.
+    rule_hits: HashMap<String, u64>,
+    skipped: u64,
+    /// Events older than the retention horizon: counted, not stored, their offsets committed.
+    expired: u64,
+}
+
+impl Batch {
+    /// Adds a consumed record and what it became.
+    pub fn add(&mut self, record: Consumed<'_>, outcome: Outcome) {
+        match outcome {
+            Outcome::Expired => self.expired += 1,
+            Outcome::Rejected(letter) => self.dead.push(letter),
+            Outcome::Routed { rule, row, forward } => {
+                if let Some(rule) = rule {
+                    *self.rule_hits.entry(rule).or_default() += 1;
+                }
+                let forwarded = forward.is_some();
+                self.forwards.extend(forward);
+                match row {
+                    Some((row, source)) => {
+                        // Not shared while filling: no copy.
+                        Arc::make_mut(&mut self.rows).push(row);
+                        self.sources.push(source);
+                    }
+                    None if !forwarded => self.skipped += 1,
+                    None => {}
+                }
             }
         }
+        if self.links.len() < MAX_SPAN_LINKS
+            && let Some(link) = record.link
+        {
+            self.links.push(link);
+        }
+        self.offsets.observe(record.topic, record.partition, record.offset);
+        self.bytes += record.bytes;
+        self.first_at.get_or_insert_with(Instant::now);
     }
 
-    /// The offsets to commit once the batch is durable.
-    pub fn commits(&self) -> impl Iterator<Item = (&str, i32, i64)> {
-        self.next.iter().map(|((t, p), o)| (t.as_str(), *p, *o))
+    /// Records consumed into the batch (stored, skipped, forwarded, expired or dead-lettered).
+    pub fn len(&self) -> usize {
+        self.offsets.records()
     }
 
-    /// Forgets partitions that are no longer ours (after a revocation we could not flush).
-    pub fn retain(&mut self, mut keep: impl FnMut(&str, i32) -> bool) {
-        self.next.retain(|(t, p), _| keep(t, *p));
-    }
-
-    /// True when nothing was observed.
+    /// True when no record is in hand.
     pub fn is_empty(&self) -> bool {
-        self.next.is_empty()
+        self.offsets.is_empty()
     }
 
-    /// Forgets everything (after a successful commit).
-    pub fn clear(&mut self) {
-        self.next.clear();
+    /// Payload bytes in hand.
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
-    /// The distinct partitions in the batch, for log lines and spans.
-    pub fn partitions(&self) -> Vec<String> {
-        self.next.keys().map(|(t, p)| format!("{t}/{p}")).collect()
+    /// When the oldest record in hand was added.
+    pub fn first_at(&self) -> Option<Instant> {
+        self.first_at
+    }
+
+    /// The rows to write, shared with the write task.
+    pub fn rows(&self) -> &Arc<Vec<StoredEvent>> {
+        &self.rows
+    }
+
+    /// True once the rows are durable.
+    pub fn is_written(&self) -> bool {
+        self.written.is_some()
+    }
+
+    /// Takes the database's answer: rows PostgreSQL refused become dead letters, and the
+    /// rows count as durable.
+    pub fn set_written(&mut self, outcome: WriteOutcome) {
+        for (index, message) in &outcome.rejected {
+            let row = &self.rows[*index];
+            warn!(
+                topic = %row.topic,
+                partition = row.partition,
+                offset = row.offset,
+                error = %message,
+                "PostgreSQL rejected the record, sending to the dead-letter topic"
+            );
+            let letter = DeadLetter {
+                record: self.sources[*index].clone(),
+                rejection: Rejection { reason: RejectReason::DbRejected, detail: message.clone() },
+            };
+            self.dead.push(letter);
+        }
+        self.sources = Vec::new();
+        self.written = Some(outcome);
+    }
+
+    /// Keeps only what belongs to partitions still `owned`, after a revocation the batch
+    /// could not be flushed before; the rest is consumed again by its new owner.
+    pub fn retain(&mut self, owned: &impl Fn(&str, i32) -> bool) {
+        if self.written.is_none() {
+            // Rows not yet durable: drop those of revoked partitions. (Once written, rows stay:
+            // they are stored, and the outcome's indexes refer to them.)
+            let keep: Vec<bool> = self.rows.iter().map(|r| owned(&r.topic, r.partition)).collect();
+            let mut kept = keep.iter();
+            Arc::make_mut(&mut self.rows).retain(|_| kept.next().copied().unwrap_or(false));
+            let mut kept = keep.iter();
+            self.sources.retain(|_| kept.next().copied().unwrap_or(false));
+        }
+        // Partitions we keep (cooperative rebalancing revokes only some) keep everything
+        // pending; their position has moved past these records, so dropping them would lose them.
+        self.dead.retain(|l| owned(l.record.topic(), l.record.partition()));
+        self.forwards.retain(|f| owned(f.record.topic(), f.record.partition()));
+        self.offsets.retain(owned);
+        if self.offsets.is_empty() {
+            *self = Batch::default();
+        }
+    }
+
+    /// The offsets to commit once everything in the batch is durable: one past the highest
+    /// offset consumed per partition.
+    pub fn commit_list(&self) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        for (topic, partition, next) in self.offsets.commits() {
+            if let Err(e) = tpl.add_partition_offset(topic, partition, Offset::Offset(next)) {
+                warn!(error = %e, topic, partition, "cannot build offset commit");
+            }
+        }
+        tpl
+    }
+
+    /// The partitions in the batch, for log lines and spans.
+    pub fn partitions(&self) -> String {
+        self.offsets.partitions().join(",")
+    }
+
+    /// Takes the producers' trace contexts, for the batch span.
+    pub fn take_links(&mut self) -> Vec<SpanContext> {
+        std::mem::take(&mut self.links)
+    }
+
+    /// What the durable batch did, for metrics and the caller.
+    pub fn report(&self) -> Report<'_> {
+        let outcome = self.written.clone().unwrap_or_default();
+        let rejected: HashSet<usize> = outcome.rejected.iter().map(|(i, _)| *i).collect();
+        let mut per_type: HashMap<(String, String), u64> = HashMap::new();
+        for (i, row) in self.rows.iter().enumerate() {
+            if !rejected.contains(&i) {
+                let key = (row.event.event_type.clone(), row.event.service.clone());
+                *per_type.entry(key).or_default() += 1;
+            }
+        }
+        Report {
+            flush: FlushReport {
+                events: self.len(),
+                inserted: outcome.inserted,
+                duplicates: outcome.duplicates,
+                dead_lettered: self.dead_lettered.len(),
+            },
+            statements: outcome.statements,
+            per_type,
+            rule_hits: &self.rule_hits,
+            skipped: self.skipped,
+            expired: self.expired,
+            dead_lettered: &self.dead_lettered,
+            first_at: self.first_at,
+        }
+    }
+
+    /// The rows stored (not refused), for per-event debug lines.
+    pub fn stored_rows(&self) -> impl Iterator<Item = &StoredEvent> {
+        let rejected: HashSet<usize> = self
+            .written
+            .as_ref()
+            .map(|o| o.rejected.iter().map(|(i, _)| *i).collect())
+            .unwrap_or_default();
+        self.rows.iter().enumerate().filter(move |(i, _)| !rejected.contains(i)).map(|(_, r)| r)
     }
 }
 
-/// Capped exponential backoff for database and dead-letter retries. The cap is low (seconds)
-/// because the consumer keeps polling between attempts and should notice recovery quickly.
-#[derive(Debug, Clone)]
-pub struct Backoff {
-    initial: Duration,
-    max: Duration,
-    current: Duration,
-}
-
-impl Backoff {
-    /// Starts at `initial`, doubling up to `max`.
-    pub fn new(initial: Duration, max: Duration) -> Self {
-        Self { initial, max, current: initial }
-    }
-
-    /// The delay before the next attempt.
-    pub fn next_delay(&mut self) -> Duration {
-        let delay = self.current;
-        self.current = (self.current * 2).min(self.max);
-        delay
-    }
-
-    /// Back to the first step (after a success).
-    pub fn reset(&mut self) {
-        self.current = self.initial;
-    }
-}
-
-impl Default for Backoff {
-    fn default() -> Self {
-        Self::new(Duration::from_millis(100), Duration::from_secs(2))
-    }
+/// Everything a durable batch reports: the caller's [`FlushReport`] and what the metrics and
+/// the "batch committed" line need.
+pub(crate) struct Report<'a> {
+    pub flush: FlushReport,
+    pub statements: u32,
+    /// Rows stored per (event type, service).
+    pub per_type: HashMap<(String, String), u64>,
+    pub rule_hits: &'a HashMap<String, u64>,
+    pub skipped: u64,
+    pub expired: u64,
+    pub dead_lettered: &'a [RejectReason],
+    pub first_at: Option<Instant>,
 }
 
 #[cfg(test)]
 mod tests {
+    use rdkafka::Timestamp;
+
     use super::*;
+    use crate::event::Event;
 
-    const POLICY: BatchPolicy =
-        BatchPolicy { max_events: 3, max_bytes: 100, linger: Duration::from_millis(50) };
-
-    #[test]
-    fn due_by_count_bytes_or_linger() {
-        let t0 = Instant::now();
-        assert!(!POLICY.is_due(0, 0, None, t0));
-        assert!(!POLICY.is_due(2, 10, Some(t0), t0));
-        assert!(POLICY.is_due(3, 10, Some(t0), t0));
-        assert!(POLICY.is_due(1, 100, Some(t0), t0));
-        assert!(POLICY.is_due(1, 1, Some(t0), t0 + Duration::from_millis(50)));
+    fn record(partition: i32, offset: i64) -> OwnedMessage {
+        let payload = Some(b"{}".to_vec());
+        OwnedMessage::new(
+            payload,
+            None,
+            "t".into(),
+            Timestamp::NotAvailable,
+            partition,
+            offset,
+            None,
+        )
     }
 
-    #[test]
-    fn a_due_batch_waits_for_a_write_slot_and_fills_meanwhile() {
-        let t0 = Instant::now();
-        let late = t0 + Duration::from_millis(60);
-        assert_eq!(POLICY.next_step(1, 1, Some(t0), t0, (0, 2)), Step::Fill);
-        assert_eq!(POLICY.next_step(1, 1, Some(t0), late, (1, 2)), Step::Dispatch);
-        assert_eq!(POLICY.next_step(1, 1, Some(t0), late, (2, 2)), Step::Fill);
-        assert_eq!(POLICY.next_step(3, 1, Some(t0), t0, (2, 2)), Step::WaitOldest);
-        assert_eq!(POLICY.next_step(3, 1, Some(t0), t0, (1, 2)), Step::Dispatch);
-        assert_eq!(POLICY.next_step(0, 0, None, late, (0, 2)), Step::Fill);
+    fn at(partition: i32, offset: i64) -> Consumed<'static> {
+        Consumed { topic: "t", partition, offset, bytes: 2, link: None }
     }
 
-    #[test]
-    fn poll_timeout_respects_linger() {
-        let t0 = Instant::now();
-        let idle = Duration::from_millis(500);
-        assert_eq!(POLICY.poll_timeout(None, t0, idle), idle);
-        assert_eq!(
-            POLICY.poll_timeout(Some(t0), t0 + Duration::from_millis(20), idle),
-            Duration::from_millis(30)
-        );
-        assert_eq!(
-            POLICY.poll_timeout(Some(t0), t0 + Duration::from_secs(1), idle),
-            Duration::ZERO
-        );
+    fn row(partition: i32, offset: i64) -> (StoredEvent, OwnedMessage) {
+        let event = Event {
+            event_type: "user.login".into(),
+            user_id: "u".into(),
+            service: "auth-service".into(),
+            timestamp: chrono::DateTime::UNIX_EPOCH,
+            data: None,
+        };
+        (StoredEvent { topic: "t".into(), partition, offset, event }, record(partition, offset))
     }
 
-    #[test]
-    fn offsets_commit_one_past_the_highest() {
-        let mut t = OffsetTracker::default();
-        t.observe("a", 0, 5);
-        t.observe("a", 0, 3);
-        t.observe("a", 1, 9);
-        t.observe("b", 0, 0);
-        let commits: Vec<_> = t.commits().collect();
-        assert_eq!(commits, vec![("a", 0, 6), ("a", 1, 10), ("b", 0, 1)]);
-        t.retain(|topic, p| !(topic == "a" && p == 1));
-        assert_eq!(t.partitions(), vec!["a/0", "b/0"]);
-        t.clear();
-        assert!(t.is_empty());
+    fn forward(partition: i32, offset: i64) -> Forward {
+        Forward { record: record(partition, offset), topic: "copies".into(), rule: "r".into() }
     }
 
+    /// One record counts once, whatever it became, before and after a partial revocation.
     #[test]
-    fn backoff_doubles_to_the_cap_and_resets() {
-        let mut b = Backoff::new(Duration::from_millis(100), Duration::from_millis(350));
-        let steps: Vec<_> = (0..4).map(|_| b.next_delay().as_millis()).collect();
-        assert_eq!(steps, vec![100, 200, 350, 350]);
-        b.reset();
-        assert_eq!(b.next_delay().as_millis(), 100);
+    fn length_counts_each_record_once_across_a_partial_revocation() {
+        let mut batch = Batch::default();
+        let stored_and_forwarded = Outcome::Routed {
+            rule: Some("r".into()),
+            row: Some(row(0, 0)),
+            forward: Some(forward(0, 0)),
+        };
+        batch.add(at(0, 0), stored_and_forwarded);
+        batch.add(at(0, 1), Outcome::Routed { rule: Some("s".into()), row: None, forward: None });
+        batch.add(at(0, 2), Outcome::Expired);
+        let letter = DeadLetter {
+            record: record(0, 3),
+            rejection: Rejection { reason: RejectReason::InvalidJson, detail: "x".into() },
+        };
+        batch.add(at(0, 3), Outcome::Rejected(letter));
+        batch.add(at(1, 0), Outcome::Routed { rule: None, row: Some(row(1, 0)), forward: None });
+        assert_eq!(batch.len(), 5);
+
+        batch.retain(&|_, partition| partition == 0);
+        assert_eq!(batch.len(), 4, "partition 0 still holds four records");
+        assert_eq!(batch.report().flush.events, 4);
+        let commits: Vec<_> =
+            batch.commit_list().elements().iter().map(|e| (e.partition(), e.offset())).collect();
+        assert_eq!(commits, vec![(0, Offset::Offset(4))]);
+
+        batch.retain(&|_, _| false);
+        assert!(batch.is_empty());
+        assert_eq!(batch.len(), 0);
     }
 }

@@ -18,7 +18,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::statistics::Statistics;
 use tracing::{debug, error, info, warn};
 
-use crate::batch::Backoff;
+use crate::batch_policy::Backoff;
 use crate::config::Settings;
 use crate::health::{LagMap, Status};
 use crate::lag;

@@ -11,6 +11,7 @@
 
 pub mod api;
 pub mod batch;
+pub mod batch_policy;
 pub mod cli;
 pub mod config;
 pub mod consumer;

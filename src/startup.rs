@@ -11,7 +11,7 @@ use tokio::sync::{oneshot, watch};
 use tracing::{error, info};
 
 use crate::api;
-use crate::batch::BatchPolicy;
+use crate::batch_policy::BatchPolicy;
 use crate::config::Settings;
 use crate::consumer::{self, client_config};
 use crate::dead_letter::DeadLetterSink;
