@@ -14,9 +14,9 @@ use serde_json::json;
 use sqlx::PgPool;
 use tokio::sync::watch;
 
-use crate::health::Status;
-use crate::http::SERVICE_NAME;
-use crate::telemetry::Metrics;
+use crate::observe::endpoints::SERVICE_NAME;
+use crate::observe::metrics::Metrics;
+use crate::observe::status::Status;
 
 /// How often the read pool is pinged for readiness, and how long a ping may take.
 const PING_INTERVAL: Duration = Duration::from_secs(1);

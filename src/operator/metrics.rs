@@ -11,7 +11,7 @@ const BUCKETS: [f64; 10] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10
 
 /// Reconcile counters and duration histogram.
 #[derive(Debug, Default)]
-pub struct Metrics {
+pub struct OperatorMetrics {
     reconciles: AtomicU64,
     failures: AtomicU64,
     buckets: [AtomicU64; BUCKETS.len()],
@@ -19,7 +19,7 @@ pub struct Metrics {
     sum_micros: AtomicU64,
 }
 
-impl Metrics {
+impl OperatorMetrics {
     /// Records one reconcile.
     pub fn observe(&self, ok: bool, took: Duration) {
         self.reconciles.fetch_add(1, Ordering::Relaxed);
@@ -87,7 +87,7 @@ mod tests {
 
     #[test]
     fn renders_counters_and_cumulative_buckets() {
-        let m = Metrics::default();
+        let m = OperatorMetrics::default();
         m.observe(true, Duration::from_millis(20));
         m.observe(false, Duration::from_secs(3));
         let t = m.render();

@@ -42,7 +42,7 @@ pub use crd::{AnalyticsPipeline, crd_yaml};
 pub use leader::LeaderElection;
 pub use reconcile::{Context, KafkaAdmin, KafkaConnection, OffsetResetter, PartitionSource};
 
-use metrics::Metrics;
+use metrics::OperatorMetrics;
 
 /// Placeholder uid for a manifest read from a file: the API server assigns the real one, and
 /// the children's owner references need one.
@@ -87,11 +87,11 @@ impl Default for OperatorOptions {
 #[derive(Clone)]
 struct HttpState {
     ready: Arc<AtomicBool>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<OperatorMetrics>,
 }
 
 /// The HTTP routes of the operator process.
-fn router(ready: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Router {
+fn router(ready: Arc<AtomicBool>, metrics: Arc<OperatorMetrics>) -> Router {
     Router::new()
         .route("/livez", get(|| async { "ok" }))
         .route(
@@ -140,7 +140,7 @@ pub async fn run(opts: OperatorOptions) -> anyhow::Result<()> {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(OperatorMetrics::default());
     let ready = Arc::new(AtomicBool::new(false));
 
     let addr = SocketAddr::from(([0, 0, 0, 0], opts.port));

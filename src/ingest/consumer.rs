@@ -12,17 +12,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::statistics::Statistics;
 use tracing::{debug, error, info, warn};
 
-use crate::batch_policy::Backoff;
 use crate::config::Settings;
-use crate::health::{LagMap, Status};
-use crate::lag;
-use crate::pipeline::{FlushError, Pipeline};
+use crate::ingest::batch_policy::Backoff;
+use crate::ingest::lag;
+use crate::ingest::pipeline::{FlushError, Pipeline};
+use crate::kafka::client_config;
+use crate::observe::status::{LagMap, Status};
 
 /// Longest the loop blocks in `poll` when idle, which bounds how quickly it notices shutdown.
 const IDLE_POLL: Duration = Duration::from_millis(200);
@@ -78,22 +78,6 @@ pub fn is_connectivity_error(error: &KafkaError) -> bool {
                     | C::NetworkException
             )
     )
-}
-
-/// Client settings shared by every Kafka client of the service: brokers and pass-through
-/// properties (TLS, SASL, tuning).
-pub fn client_config(settings: &Settings) -> ClientConfig {
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", &settings.kafka_brokers);
-    let client_id = std::env::var("HOSTNAME").unwrap_or_else(|_| "nexus-analytics".into());
-    config.set("client.id", client_id);
-    // Reconnect within a second of a broker coming back (librdkafka backs off up to 10 s by
-    // default), so readiness recovers promptly after an outage.
-    config.set("reconnect.backoff.max.ms", "1000");
-    for (key, value) in &settings.kafka_properties {
-        config.set(key, value.expose());
-    }
-    config
 }
 
 /// The consumer's context: serves librdkafka's callbacks.

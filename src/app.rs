@@ -11,16 +11,17 @@ use tokio::sync::{oneshot, watch};
 use tracing::{error, info};
 
 use crate::api;
-use crate::batch_policy::BatchPolicy;
 use crate::config::Settings;
-use crate::consumer::{self, client_config};
-use crate::dead_letter::DeadLetterSink;
-use crate::health::Status;
-use crate::http::{self, AppState};
-use crate::maintenance;
-use crate::pipeline::{Pipeline, PipelineOptions};
+use crate::ingest::batch_policy::BatchPolicy;
+use crate::ingest::consumer;
+use crate::ingest::dead_letter::DeadLetterSink;
+use crate::ingest::pipeline::{Pipeline, PipelineOptions};
+use crate::kafka::client_config;
+use crate::observe::endpoints::{self, AppState};
+use crate::observe::metrics::Metrics;
+use crate::observe::status::Status;
 use crate::storage::EventStore;
-use crate::telemetry::Metrics;
+use crate::storage::partitions;
 
 /// How often PostgreSQL is pinged for readiness, and how long a ping may take.
 const DB_PING_INTERVAL: Duration = Duration::from_secs(1);
@@ -38,14 +39,14 @@ pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
     info!(database = %settings.database_url_redacted(), "applying migrations");
     store.migrate().await?;
     // Partitions only; retention is left to the running service.
-    let policy = maintenance::Policy { retention_days: None, ..maintenance_policy(settings) };
-    let report = maintenance::run_once(store.pool(), &policy, chrono::Utc::now()).await?;
+    let policy = partitions::Policy { retention_days: None, ..maintenance_policy(settings) };
+    let report = partitions::run_once(store.pool(), &policy, chrono::Utc::now()).await?;
     info!(created = ?report.created, "migrations applied");
     Ok(())
 }
 
-fn maintenance_policy(settings: &Settings) -> maintenance::Policy {
-    maintenance::Policy {
+fn maintenance_policy(settings: &Settings) -> partitions::Policy {
+    partitions::Policy {
         interval: settings.partition_interval,
         ahead: settings.partitions_ahead,
         retention_days: settings.retention_days,
@@ -55,13 +56,13 @@ fn maintenance_policy(settings: &Settings) -> maintenance::Policy {
 /// Runs partition maintenance at start-up and then every `interval` (sooner after a failure).
 async fn maintain_partitions(
     store: EventStore,
-    policy: maintenance::Policy,
+    policy: partitions::Policy,
     interval: Duration,
     metrics: Arc<Metrics>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
-        let next = match maintenance::run_once(store.pool(), &policy, chrono::Utc::now()).await {
+        let next = match partitions::run_once(store.pool(), &policy, chrono::Utc::now()).await {
             Ok(report) => {
                 metrics.record_maintenance(Ok(&report));
                 if !report.ran {
@@ -140,7 +141,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let listener = TcpListener::bind(("0.0.0.0", settings.metrics_port))
         .await
         .with_context(|| format!("cannot listen on METRICS_PORT {}", settings.metrics_port))?;
-    let app = http::router(AppState {
+    let app = endpoints::router(AppState {
         status: status.clone(),
         metrics: metrics.clone(),
         liveness_stall: Duration::from_secs(settings.liveness_stall_secs),
@@ -248,7 +249,7 @@ pub async fn run_api(settings: Settings) -> anyhow::Result<()> {
     }
     let status = Arc::new(Status::default());
     status.set_kafka(false, "not used by nexus-analytics api");
-    let metrics = Metrics::for_role(status.clone(), crate::telemetry::Role::Api)
+    let metrics = Metrics::for_role(status.clone(), crate::observe::metrics::Role::Api)
         .context("cannot set up metrics")?;
     let (api_listener, app) = query_api(&settings).await?;
     let ping_pool = api::read_pool(settings.api_database_url()?, 1)

@@ -22,16 +22,17 @@ use rdkafka::message::{BorrowedMessage, Message};
 use tracing::{debug, info, info_span, warn};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-pub use crate::batch::FlushReport;
-use crate::batch::{Batch, Consumed, Outcome, Report};
-use crate::batch_policy::{BatchPolicy, Step};
-use crate::dead_letter::{DeadLetter, DeadLetterSink, Forward};
-use crate::event::{self, RejectReason, Rejection};
-use crate::health::Status;
-use crate::maintenance::{self, Admission};
-use crate::routing::Rules;
+pub use crate::ingest::batch::FlushReport;
+use crate::ingest::batch::{Batch, Consumed, Outcome, Report};
+use crate::ingest::batch_policy::{BatchPolicy, Step};
+use crate::ingest::dead_letter::{DeadLetter, DeadLetterSink, Forward};
+use crate::ingest::event::{self, RejectReason, Rejection};
+use crate::ingest::routing::Rules;
+use crate::observe::metrics::Metrics;
+use crate::observe::status::Status;
+use crate::observe::tracing::parse_traceparent;
+use crate::storage::partitions::{self, Admission};
 use crate::storage::{EventStore, StorageError, StoredEvent, WriteOutcome};
-use crate::telemetry::{Metrics, parse_traceparent};
 
 /// Longest `poll` while writes run: how late a finished batch's offsets may commit.
 const IN_FLIGHT_POLL: Duration = Duration::from_millis(2);
@@ -62,8 +63,8 @@ pub struct PipelineOptions {
     /// Batches being written at once (at least 1; each holds a pool connection).
     pub max_in_flight: usize,
     /// Partitioning and retention: which event times are stored
-    /// ([`maintenance::ingest_window`]).
-    pub partitions: maintenance::Policy,
+    /// ([`partitions::ingest_window`]).
+    pub partitions: partitions::Policy,
 }
 
 /// Turns consumed records into durable rows and committed offsets.
@@ -81,7 +82,7 @@ pub struct Pipeline {
     /// Sealed batches, oldest first, not yet committed.
     in_flight: Mutex<VecDeque<Batch>>,
     max_in_flight: usize,
-    partitions: maintenance::Policy,
+    partitions: partitions::Policy,
 }
 
 impl Pipeline {
@@ -137,7 +138,7 @@ impl Pipeline {
     /// Adds a consumed record to the batch, decoded, or marked for the dead-letter topic.
     pub fn push(&self, msg: &BorrowedMessage<'_>) {
         let payload = msg.payload().unwrap_or_default();
-        let window = maintenance::ingest_window(&self.partitions, chrono::Utc::now());
+        let window = partitions::ingest_window(&self.partitions, chrono::Utc::now());
         let decoded = event::decode(payload, msg.timestamp().to_millis(), self.max_event_bytes)
             .and_then(|event| match window.admit(event.timestamp) {
                 Admission::TooFarAhead => Err(Rejection::new(

@@ -1,6 +1,6 @@
 //! The batch in hand: what each consumed record became (a row, a routed copy, a dead letter,
 //! a skip), the offsets it may commit and what it reports once durable. No I/O: the
-//! [`Pipeline`](crate::pipeline::Pipeline) writes, sends and commits it.
+//! [`Pipeline`](crate::ingest::pipeline::Pipeline) writes, sends and commits it.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -11,9 +11,9 @@ use rdkafka::message::{Message, OwnedMessage};
 use rdkafka::{Offset, TopicPartitionList};
 use tracing::warn;
 
-use crate::batch_policy::OffsetTracker;
-use crate::dead_letter::{DeadLetter, Forward};
-use crate::event::{RejectReason, Rejection};
+use crate::ingest::batch_policy::OffsetTracker;
+use crate::ingest::dead_letter::{DeadLetter, Forward};
+use crate::ingest::event::{RejectReason, Rejection};
 use crate::storage::{StorageError, StoredEvent, WriteOutcome};
 
 /// Links per batch span; enough to follow a sample of producers without bloating spans.
@@ -281,7 +281,7 @@ mod tests {
     use rdkafka::Timestamp;
 
     use super::*;
-    use crate::event::Event;
+    use crate::ingest::event::Event;
 
     fn record(partition: i32, offset: i64) -> OwnedMessage {
         let payload = Some(b"{}".to_vec());
