@@ -1,13 +1,15 @@
-//! Wires the service together: storage, dead letters, pipeline, consumer thread,
-//! database health checks and the HTTP endpoints; then waits for SIGTERM/SIGINT and drains.
+//! Wires the service together: [`App::build`] creates storage, dead letters, pipeline, consumer
+//! and listeners; [`App::run_until_stopped`] runs the consumer thread, database health checks,
+//! partition maintenance and the HTTP endpoints under one [`TaskTracker`] and stops them with one
+//! [`CancellationToken`] (SIGTERM/SIGINT in [`run`]): drain, commit, leave, exit 0.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::sync::{oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{error, info};
 
 use crate::api;
@@ -59,7 +61,7 @@ async fn maintain_partitions(
     policy: partitions::Policy,
     interval: Duration,
     metrics: Arc<Metrics>,
-    mut stop: watch::Receiver<bool>,
+    stop: CancellationToken,
 ) {
     loop {
         let next = match partitions::run_once(store.pool(), &policy, chrono::Utc::now()).await {
@@ -91,134 +93,199 @@ async fn maintain_partitions(
         };
         tokio::select! {
             _ = tokio::time::sleep(next) => {}
-            _ = stop.wait_for(|s| *s) => return,
+            _ = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Serves `router` on `listener` until `stop` is cancelled, then lets the requests in hand
+/// finish. The one way every HTTP server of the service runs.
+pub(crate) async fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    axum::serve(listener, router).with_graceful_shutdown(stop.cancelled_owned()).await
+}
+
+/// Spawns `serve` on `tasks`, logging how the server ended.
+fn spawn_server(
+    tasks: &TaskTracker,
+    name: &'static str,
+    listener: TcpListener,
+    router: axum::Router,
+    stop: CancellationToken,
+) {
+    tasks.spawn(async move {
+        if let Err(e) = serve(listener, router, stop).await {
+            error!(error = %e, server = name, "HTTP server failed");
+        }
+    });
+}
+
+/// The consuming service, built and bound but not yet running.
+///
+/// [`App::build`] creates everything that can fail on bad settings or busy ports (storage,
+/// producer, consumer, listeners); [`App::run_until_stopped`] starts the tasks — all owned by
+/// one [`TaskTracker`] — and stops them in order when the token is cancelled.
+pub(crate) struct App {
+    settings: Settings,
+    status: Arc<Status>,
+    metrics: Arc<Metrics>,
+    store: EventStore,
+    consumer: consumer::PipelineConsumer,
+    metrics_listener: TcpListener,
+    api: Option<(TcpListener, axum::Router)>,
+}
+
+impl App {
+    /// Builds the service from its settings; nothing runs yet.
+    pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        let status = Arc::new(Status::default());
+        let metrics = Metrics::new(status.clone()).context("cannot set up metrics")?;
+        let store = EventStore::connect_lazy(
+            settings.database_url()?,
+            settings.database_pool_size,
+            Duration::from_secs(settings.database_write_timeout_secs),
+        )?;
+        let dead_letters = DeadLetterSink::new(
+            client_config(&settings),
+            &settings.kafka_dlq_topic,
+            &settings.kafka_group_id,
+        )
+        .context("cannot create the dead-letter producer")?;
+        let policy = BatchPolicy {
+            max_events: settings.batch_max_events,
+            max_bytes: settings.batch_max_bytes,
+            linger: settings.batch_linger(),
+        };
+        let rules = settings.routing_rules()?;
+        for rule in rules.names() {
+            metrics.register_rule(rule);
+        }
+        let pipeline = Arc::new(Pipeline::new(
+            store.clone(),
+            dead_letters,
+            metrics.clone(),
+            status.clone(),
+            PipelineOptions {
+                policy,
+                max_event_bytes: settings.max_event_bytes,
+                rules,
+                max_in_flight: settings.batch_max_in_flight,
+                partitions: maintenance_policy(&settings),
+            },
+            tokio::runtime::Handle::current(),
+        ));
+        let consumer =
+            consumer::create_consumer(&settings, pipeline).context("cannot create the consumer")?;
+        let metrics_listener = TcpListener::bind(("0.0.0.0", settings.metrics_port))
+            .await
+            .with_context(|| format!("cannot listen on METRICS_PORT {}", settings.metrics_port))?;
+        let api = if settings.api_port != 0 { Some(query_api(&settings).await?) } else { None };
+        Ok(Self { settings, status, metrics, store, consumer, metrics_listener, api })
+    }
+
+    /// Runs until `shutdown` is cancelled (or the consume loop ends on its own), then drains:
+    /// the consumer finishes the batch in hand, commits and leaves the group while the
+    /// endpoints still answer; then the servers let their open requests finish (up to
+    /// `SHUTDOWN_TIMEOUT_SECS`) and the background tasks end.
+    pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let Self { settings, status, metrics, store, consumer, metrics_listener, api } = self;
+        let drain = Duration::from_secs(settings.shutdown_timeout_secs);
+        let tasks = TaskTracker::new();
+        // Stopped after the consumer has left, so probes and scrapes answer during the drain.
+        let services = CancellationToken::new();
+        let stop_consuming = shutdown.child_token();
+
+        let router = endpoints::router(AppState {
+            status: status.clone(),
+            metrics: metrics.clone(),
+            liveness_stall: Duration::from_secs(settings.liveness_stall_secs),
+            group_unsteady_limit: Duration::from_secs(settings.group_unsteady_liveness_secs),
+        });
+        spawn_server(&tasks, "metrics", metrics_listener, router, services.clone());
+        if let Some((listener, router)) = api {
+            spawn_server(&tasks, "api", listener, router, services.clone());
+        }
+        tasks.spawn(watch_database(store.clone(), status.clone(), services.clone()));
+        tasks.spawn(maintain_partitions(
+            store,
+            maintenance_policy(&settings),
+            settings.maintenance_interval()?,
+            metrics.clone(),
+            services.clone(),
+        ));
+
+        // A dedicated OS thread (librdkafka runs rebalance callbacks on the polling thread);
+        // the tracker owns its join.
+        let consumer_thread = {
+            let stop = stop_consuming.clone();
+            let status = status.clone();
+            std::thread::Builder::new().name("consumer".into()).spawn(move || {
+                let _stopped = StoppedOnExit(status);
+                consumer::consume(&consumer, &stop, drain);
+                // Dropping the consumer closes it and leaves the group.
+                drop(consumer);
+                info!("left the consumer group");
+            })?
+        };
+        let mut consumer_done = tasks.spawn_blocking(move || consumer_thread.join());
+        info!(
+            brokers = %settings.kafka_brokers,
+            topics = %settings.kafka_topics,
+            group = %settings.kafka_group_id,
+            database = %settings.database_url_redacted(),
+            metrics_port = settings.metrics_port,
+            api_port = settings.api_port,
+            "nexus-analytics started"
+        );
+
+        let (unexpected, joined) = tokio::select! {
+            _ = stop_consuming.cancelled() => (false, None),
+            joined = &mut consumer_done => (true, Some(joined)),
+        };
+        if unexpected {
+            error!("the consume loop stopped on its own");
+        } else {
+            info!("shutdown requested: finishing the batch in hand");
+        }
+        stop_consuming.cancel();
+        let joined = match joined {
+            Some(joined) => joined,
+            None => consumer_done.await,
+        };
+        services.cancel();
+        tasks.close();
+        if tokio::time::timeout(drain, tasks.wait()).await.is_err() {
+            tracing::warn!("requests still open after SHUTDOWN_TIMEOUT_SECS; closing them");
+        }
+        metrics.shutdown();
+        match joined {
+            Ok(Ok(())) if !unexpected => {
+                info!("shutdown complete");
+                Ok(())
+            }
+            _ => anyhow::bail!("the consume loop failed"),
         }
     }
 }
 
 /// Runs the service until SIGTERM or SIGINT, then drains and returns.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
-    let status = Arc::new(Status::default());
-    let metrics = Metrics::new(status.clone()).context("cannot set up metrics")?;
-    let store = EventStore::connect_lazy(
-        settings.database_url()?,
-        settings.database_pool_size,
-        Duration::from_secs(settings.database_write_timeout_secs),
-    )?;
-    let dead_letters = DeadLetterSink::new(
-        client_config(&settings),
-        &settings.kafka_dlq_topic,
-        &settings.kafka_group_id,
-    )
-    .context("cannot create the dead-letter producer")?;
-    let policy = BatchPolicy {
-        max_events: settings.batch_max_events,
-        max_bytes: settings.batch_max_bytes,
-        linger: settings.batch_linger(),
-    };
-    let rules = settings.routing_rules()?;
-    for rule in rules.names() {
-        metrics.register_rule(rule);
-    }
-    let pipeline = Arc::new(Pipeline::new(
-        store.clone(),
-        dead_letters,
-        metrics.clone(),
-        status.clone(),
-        PipelineOptions {
-            policy,
-            max_event_bytes: settings.max_event_bytes,
-            rules,
-            max_in_flight: settings.batch_max_in_flight,
-            partitions: maintenance_policy(&settings),
-        },
-        tokio::runtime::Handle::current(),
-    ));
-    let consumer =
-        consumer::create_consumer(&settings, pipeline).context("cannot create the consumer")?;
+    let app = App::build(settings).await?;
+    app.run_until_stopped(cancel_on_signal()).await
+}
 
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let listener = TcpListener::bind(("0.0.0.0", settings.metrics_port))
-        .await
-        .with_context(|| format!("cannot listen on METRICS_PORT {}", settings.metrics_port))?;
-    let app = endpoints::router(AppState {
-        status: status.clone(),
-        metrics: metrics.clone(),
-        liveness_stall: Duration::from_secs(settings.liveness_stall_secs),
-        group_unsteady_limit: Duration::from_secs(settings.group_unsteady_liveness_secs),
+/// A token cancelled on SIGTERM or SIGINT.
+fn cancel_on_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        cancel.cancel();
     });
-    let mut server_stop = stop_rx.clone();
-    let server = tokio::spawn(async move {
-        let shutdown = async move {
-            let _ = server_stop.wait_for(|stop| *stop).await;
-        };
-        axum::serve(listener, app).with_graceful_shutdown(shutdown).await
-    });
-    if settings.api_port != 0 {
-        let (listener, app) = query_api(&settings).await?;
-        let mut api_stop = stop_rx.clone();
-        tokio::spawn(async move {
-            let shutdown = async move {
-                let _ = api_stop.wait_for(|stop| *stop).await;
-            };
-            axum::serve(listener, app).with_graceful_shutdown(shutdown).await
-        });
-    }
-    tokio::spawn(watch_database(store.clone(), status.clone(), stop_rx.clone()));
-    tokio::spawn(maintain_partitions(
-        store,
-        maintenance_policy(&settings),
-        settings.maintenance_interval()?,
-        metrics.clone(),
-        stop_rx,
-    ));
-
-    let shutdown = Arc::new(AtomicBool::new(false));
-    let (done_tx, done_rx) = oneshot::channel::<()>();
-    let consumer_thread = {
-        let shutdown = shutdown.clone();
-        let status = status.clone();
-        let drain = Duration::from_secs(settings.shutdown_timeout_secs);
-        std::thread::Builder::new().name("consumer".into()).spawn(move || {
-            let _done = done_tx;
-            let _stopped = StoppedOnExit(status);
-            consumer::consume(&consumer, &shutdown, drain);
-            // Dropping the consumer closes it and leaves the group.
-            drop(consumer);
-            info!("left the consumer group");
-        })?
-    };
-    info!(
-        brokers = %settings.kafka_brokers,
-        topics = %settings.kafka_topics,
-        group = %settings.kafka_group_id,
-        database = %settings.database_url_redacted(),
-        metrics_port = settings.metrics_port,
-        api_port = settings.api_port,
-        "nexus-analytics started"
-    );
-
-    let unexpected = tokio::select! {
-        _ = shutdown_signal() => false,
-        _ = done_rx => true,
-    };
-    if unexpected {
-        error!("the consume loop stopped on its own");
-    } else {
-        info!("shutdown requested: finishing the batch in hand");
-    }
-    shutdown.store(true, Ordering::Relaxed);
-    let joined = tokio::task::spawn_blocking(move || consumer_thread.join()).await;
-    let _ = stop_tx.send(true);
-    let _ = server.await;
-    metrics.shutdown();
-    match joined {
-        Ok(Ok(())) if !unexpected => {
-            info!("shutdown complete");
-            Ok(())
-        }
-        _ => anyhow::bail!("the consume loop failed"),
-    }
+    token
 }
 
 /// The query API's listener and router: a read pool with one connection per admitted request,
@@ -257,21 +324,13 @@ pub async fn run_api(settings: Settings) -> anyhow::Result<()> {
     let ops = TcpListener::bind(("0.0.0.0", settings.metrics_port))
         .await
         .with_context(|| format!("cannot listen on METRICS_PORT {}", settings.metrics_port))?;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let stopped = |mut rx: watch::Receiver<bool>| async move {
-        let _ = rx.wait_for(|stop| *stop).await;
-    };
+    let shutdown = cancel_on_signal();
+    let tasks = TaskTracker::new();
     let ops_app = api::probes::router(status.clone(), metrics.clone());
-    let ops_stop = stopped(stop_rx.clone());
-    let ops_server =
-        tokio::spawn(
-            async move { axum::serve(ops, ops_app).with_graceful_shutdown(ops_stop).await },
-        );
-    let api_stop = stopped(stop_rx.clone());
-    let api_server = tokio::spawn(async move {
-        axum::serve(api_listener, app).with_graceful_shutdown(api_stop).await
-    });
-    tokio::spawn(api::probes::watch_database(ping_pool, status.clone(), stop_rx.clone()));
+    let ops_server = tasks.spawn(serve(ops, ops_app, shutdown.clone()));
+    let api_server = tasks.spawn(serve(api_listener, app, shutdown.clone()));
+    tasks.spawn(api::probes::watch_database(ping_pool, status.clone(), shutdown.clone()));
+    tasks.close();
     info!(
         database = %crate::config::redact_url(settings.api_database_url()?),
         metrics_port = settings.metrics_port,
@@ -280,11 +339,15 @@ pub async fn run_api(settings: Settings) -> anyhow::Result<()> {
         max_concurrent_requests = settings.api_max_concurrent_requests,
         "nexus-analytics api started"
     );
-    shutdown_signal().await;
+    shutdown.cancelled().await;
     info!("shutdown requested: finishing the requests in hand");
-    let _ = stop_tx.send(true);
     let drain = Duration::from_secs(settings.shutdown_timeout_secs);
-    let joined = tokio::time::timeout(drain, async { tokio::join!(api_server, ops_server) }).await;
+    let joined = tokio::time::timeout(drain, async {
+        let servers = tokio::join!(api_server, ops_server);
+        tasks.wait().await;
+        servers
+    })
+    .await;
     metrics.shutdown();
     match joined {
         Ok((api_result, ops_result)) => {
@@ -308,13 +371,13 @@ impl Drop for StoppedOnExit {
     }
 }
 
-async fn watch_database(store: EventStore, status: Arc<Status>, mut stop: watch::Receiver<bool>) {
+async fn watch_database(store: EventStore, status: Arc<Status>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(DB_PING_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = stop.wait_for(|s| *s) => return,
+            _ = stop.cancelled() => return,
         }
         match store.ping(DB_PING_TIMEOUT).await {
             Ok(()) => status.set_database(true, "ping ok"),

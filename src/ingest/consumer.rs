@@ -15,6 +15,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::statistics::Statistics;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::config::Settings;
@@ -310,9 +311,9 @@ fn set_paused(consumer: &PipelineConsumer, paused: bool) {
     consumer.context().status().set_paused(paused);
 }
 
-/// Runs the consume loop until `shutdown` is set, then drains: stop fetching, flush, commit.
-/// Leaving the group happens when the consumer is dropped.
-pub fn consume(consumer: &PipelineConsumer, shutdown: &AtomicBool, drain_budget: Duration) {
+/// Runs the consume loop until `shutdown` is cancelled, then drains: stop fetching, flush,
+/// commit. Leaving the group happens when the consumer is dropped.
+pub fn consume(consumer: &PipelineConsumer, shutdown: &CancellationToken, drain_budget: Duration) {
     let pipeline = &consumer.context().pipeline;
     let status = pipeline.status().clone();
     let mut backoff = Backoff::default();
@@ -324,7 +325,7 @@ pub fn consume(consumer: &PipelineConsumer, shutdown: &AtomicBool, drain_budget:
     // Consume errors since the last log line about them, and when that was.
     let mut consume_errors_unlogged = 0u64;
     let mut consume_error_logged_at: Option<Instant> = None;
-    while !shutdown.load(Ordering::Relaxed) {
+    while !shutdown.is_cancelled() {
         status.beat();
         if retry_at.is_some() && watermarks_at.is_none_or(|t| t.elapsed() >= lag_refresh) {
             refresh_listed_watermarks(consumer);
