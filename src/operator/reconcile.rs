@@ -24,8 +24,8 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use super::crd::{
-    API_VERSION, AnalyticsPipeline, AnalyticsPipelineStatus, AutoscalerKind, Condition, KIND,
-    ReplayPhase, ReplayStatus,
+    AnalyticsPipeline, AnalyticsPipelineStatus, AutoscalerKind, Condition, ReplayPhase,
+    ReplayStatus,
 };
 use super::metrics::OperatorMetrics;
 use super::replay::{self, Observations};
@@ -364,7 +364,11 @@ impl Run<'_> {
         self.st.conditions = conds;
         self.st.observed_generation = generation;
         let api: Api<AnalyticsPipeline> = self.api();
-        let body = json!({"apiVersion": API_VERSION, "kind": KIND, "status": self.st});
+        let body = json!({
+            "apiVersion": AnalyticsPipeline::api_version(&()),
+            "kind": AnalyticsPipeline::kind(&()),
+            "status": self.st
+        });
         let pp = PatchParams::apply(FIELD_MANAGER).force();
         api.patch_status(&self.name, &pp, &Patch::Apply(&body)).await?;
         Ok(())
