@@ -10,8 +10,9 @@ use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// Desired state of one consumer pipeline. Group (the project's own, not a Kubernetes one),
-/// version and kind are stated once, in the derive; code reads them through [`kube::Resource`].
+// Group (the project's own, not a Kubernetes one), version and kind are stated once, in the
+// derive; code reads them through `kube::Resource`. (Not a doc comment: it would enter the CRD.)
+/// Desired state of one consumer pipeline.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "analytics.nexuscore.io",
