@@ -127,7 +127,8 @@ fn naive(brokers: &str, topic: &str, url: &str, n: u64, max_secs: f64) {
             stop_at = Instant::now() + Duration::from_secs_f64(max_secs);
         }
         let payload = m.payload().unwrap_or_default();
-        let Ok(e) = nexus_analytics::event::decode(payload, m.timestamp().to_millis(), 1 << 20)
+        let Ok(e) =
+            nexus_analytics::ingest::event::decode(payload, m.timestamp().to_millis(), 1 << 20)
         else {
             continue;
         };
@@ -165,7 +166,8 @@ fn latency(brokers: &str, topic: &str, n: u64, warm_secs: f64) {
         };
         let now = chrono::Utc::now();
         count += 1;
-        let Ok(e) = nexus_analytics::event::decode(m.payload().unwrap_or_default(), None, 1 << 20)
+        let Ok(e) =
+            nexus_analytics::ingest::event::decode(m.payload().unwrap_or_default(), None, 1 << 20)
         else {
             continue;
         };

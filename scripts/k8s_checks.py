@@ -47,7 +47,7 @@
         variables DS_PROMETHEUS (prometheus) and DS_POSTGRES
         (grafana-postgresql-datasource), unique panel ids, every panel (rows
         aside) and target on one of them, no overlapping panels; every analytics_*
-        metric it names is one src/telemetry.rs registers (histograms: _bucket,
+        metric it names is one src/observe/metrics.rs registers (histograms: _bucket,
         _sum, _count); every SQL query is time-filtered and reads only analytics.*
         relations that migrations/ create (and do not drop). Every PromQL
         expression goes into OUT.yaml as a recording rule, Grafana's $__rate_interval,
@@ -561,7 +561,7 @@ def all_panels(panels):
 
 
 def telemetry_metrics(path):
-    """Series names src/telemetry.rs registers (histograms expand to _bucket/_sum/_count)."""
+    """Series names src/observe/metrics.rs registers (histograms expand to _bucket/_sum/_count)."""
     with open(path) as fh:
         src = fh.read()
     names = set()
@@ -623,7 +623,7 @@ def cmd_dashboard(dash_path, mig_dir, telemetry_path, out):
     def check_metrics(text, where):
         for m in sorted(set(re.findall(r"\banalytics_[a-z0-9_]+", text))):
             if m not in metrics:
-                problems.append(f"{where}: metric {m} is not exported (src/telemetry.rs)")
+                problems.append(f"{where}: metric {m} is not exported (src/observe/metrics.rs)")
 
     for name, v in variables.items():
         if v.get("type") == "query":

@@ -2,29 +2,19 @@
 //! once in PostgreSQL (`analytics.events`), with dead letters, Prometheus metrics and health
 //! endpoints.
 //!
-//! Reading order: [`config`] → [`event`] (pure decoding) → [`batch`] (pure policy) →
-//! [`storage`] → [`dead_letter`] → [`pipeline`] (how a batch becomes durable) → [`consumer`]
-//! (the Kafka loop) → [`startup`] (wiring). Telemetry lives in [`telemetry`], probes in
-//! [`health`] and [`http`]. The Kubernetes operator is in [`operator`], Kafka group
-//! administration (partition counts, offset resets for replays) in [`kafka_admin`].
+//! Reading order: [`config`] → [`ingest`] (consume → decode → route → batch → write →
+//! dead-letter → commit) → [`storage`] (the idempotent insert, partitions and retention) →
+//! [`app`] (wiring and shutdown). [`observe`] holds logs, metrics and probes, [`api`] the query
+//! API, [`kafka`] the client config and group administration, [`operator`] the Kubernetes
+//! operator, [`cli`] the subcommands.
 #![warn(missing_docs)]
 
 pub mod api;
-pub mod batch;
+pub(crate) mod app;
 pub mod cli;
 pub mod config;
-pub mod consumer;
-pub mod dead_letter;
-pub mod demo;
-pub mod event;
-pub mod health;
-pub mod http;
-pub mod kafka_admin;
-pub mod lag;
-pub mod maintenance;
+pub mod ingest;
+pub mod kafka;
+pub(crate) mod observe;
 pub mod operator;
-pub mod pipeline;
-pub mod routing;
-pub mod startup;
 pub mod storage;
-pub mod telemetry;

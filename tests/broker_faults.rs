@@ -200,7 +200,7 @@ fn a_group_coordinator_move_keeps_commits_and_rows_exact() {
     let no_props = Default::default();
     let mut lag = None;
     let committed = wait_until(Duration::from_secs(60), || {
-        lag = nexus_analytics::kafka_admin::group_lag(&bootstrap, &no_props, &group, &topics).ok();
+        lag = nexus_analytics::kafka::admin::group_lag(&bootstrap, &no_props, &group, &topics).ok();
         lag == Some(0)
     });
     assert!(committed, "group lag from committed offsets {lag:?}");

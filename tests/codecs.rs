@@ -7,7 +7,7 @@ use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use common::*;
-use nexus_analytics::demo::{self, ProduceOptions};
+use nexus_analytics::cli::produce::{self, ProduceOptions};
 use rdkafka::ClientConfig;
 
 const CODECS: [&str; 5] = ["none", "gzip", "snappy", "lz4", "zstd"];
@@ -19,7 +19,7 @@ fn produce_compressed(bootstrap: &str, topic: &str, codec: &str, count: u64, see
     config.set("bootstrap.servers", bootstrap).set("compression.type", codec);
     let options =
         ProduceOptions { count, rate: 0, topic: topic.into(), invalid_percent: 0, users: 50, seed };
-    let report = demo::produce(config, &options, &AtomicBool::new(false))
+    let report = produce::produce(config, &options, &AtomicBool::new(false))
         .unwrap_or_else(|e| panic!("cannot produce with compression.type={codec}: {e}"));
     assert_eq!(report.failed, 0, "{codec}: undelivered records");
     report.delivered

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use chrono::{TimeZone, Utc};
-use nexus_analytics::kafka_admin::{
+use nexus_analytics::kafka::admin::{
     KafkaAdminError, PartitionChange, ResetTarget, group_lag, group_members, partition_count,
     reset_offsets,
 };

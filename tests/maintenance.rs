@@ -5,18 +5,18 @@ mod common;
 use chrono::{DateTime, Utc};
 use common::*;
 use nexus_analytics::config::PartitionInterval;
-use nexus_analytics::maintenance::{self, ADVISORY_LOCK_KEY, Policy};
+use nexus_analytics::storage::partitions::{self, ADVISORY_LOCK_KEY, Policy};
 
 fn at(s: &str) -> DateTime<Utc> {
     DateTime::parse_from_rfc3339(s).expect("time").with_timezone(&Utc)
 }
 
-fn run(db: &TestDb, policy: Policy, now: &str) -> maintenance::Report {
+fn run(db: &TestDb, policy: Policy, now: &str) -> partitions::Report {
     let (url, now) = (db.url.clone(), at(now));
     tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt").block_on(
         async move {
             let pool = sqlx::PgPool::connect(&url).await.expect("pool");
-            maintenance::run_once(&pool, &policy, now).await.expect("maintenance")
+            partitions::run_once(&pool, &policy, now).await.expect("maintenance")
         },
     )
 }
@@ -105,7 +105,7 @@ fn only_one_replica_maintains_at_a_time() {
                     .await
                     .expect("lock");
                 let pool = sqlx::PgPool::connect(&url).await.expect("pool");
-                maintenance::run_once(&pool, &policy, Utc::now()).await.expect("maintenance")
+                partitions::run_once(&pool, &policy, Utc::now()).await.expect("maintenance")
             },
         );
     assert!(!report.ran, "ran while another session held the lock");

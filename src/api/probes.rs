@@ -12,11 +12,11 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 use sqlx::PgPool;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
-use crate::health::Status;
-use crate::http::SERVICE_NAME;
-use crate::telemetry::Metrics;
+use crate::observe::endpoints::SERVICE_NAME;
+use crate::observe::metrics::Metrics;
+use crate::observe::status::Status;
 
 /// How often the read pool is pinged for readiness, and how long a ping may take.
 const PING_INTERVAL: Duration = Duration::from_secs(1);
@@ -67,13 +67,13 @@ async fn health(State(p): State<Probes>) -> Response {
 
 /// Pings the read pool every second and records the outcome (the error without connection
 /// details) until `stop`.
-pub async fn watch_database(pool: PgPool, status: Arc<Status>, mut stop: watch::Receiver<bool>) {
+pub async fn watch_database(pool: PgPool, status: Arc<Status>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(PING_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            _ = stop.wait_for(|s| *s) => return,
+            _ = stop.cancelled() => return,
         }
         let ping = tokio::time::timeout(PING_TIMEOUT, sqlx::query("SELECT 1").execute(&pool));
         match ping.await {

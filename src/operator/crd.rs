@@ -10,15 +10,8 @@ use kube::{CustomResource, CustomResourceExt};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-/// API group of the custom resource (the project's own, not a Kubernetes one).
-pub const GROUP: &str = "analytics.nexuscore.io";
-/// Served (and stored) version.
-pub const VERSION: &str = "v1alpha1";
-/// `apiVersion` as written in manifests.
-pub const API_VERSION: &str = "analytics.nexuscore.io/v1alpha1";
-/// Kind name.
-pub const KIND: &str = "AnalyticsPipeline";
-
+// Group (the project's own, not a Kubernetes one), version and kind are stated once, in the
+// derive; code reads them through `kube::Resource`. (Not a doc comment: it would enter the CRD.)
 /// Desired state of one consumer pipeline.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(

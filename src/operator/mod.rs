@@ -21,6 +21,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
+use tokio_util::sync::CancellationToken;
 
 use anyhow::Context as _;
 use axum::Router;
@@ -42,7 +43,7 @@ pub use crd::{AnalyticsPipeline, crd_yaml};
 pub use leader::LeaderElection;
 pub use reconcile::{Context, KafkaAdmin, KafkaConnection, OffsetResetter, PartitionSource};
 
-use metrics::Metrics;
+use metrics::OperatorMetrics;
 
 /// Placeholder uid for a manifest read from a file: the API server assigns the real one, and
 /// the children's owner references need one.
@@ -87,11 +88,11 @@ impl Default for OperatorOptions {
 #[derive(Clone)]
 struct HttpState {
     ready: Arc<AtomicBool>,
-    metrics: Arc<Metrics>,
+    metrics: Arc<OperatorMetrics>,
 }
 
 /// The HTTP routes of the operator process.
-fn router(ready: Arc<AtomicBool>, metrics: Arc<Metrics>) -> Router {
+fn router(ready: Arc<AtomicBool>, metrics: Arc<OperatorMetrics>) -> Router {
     Router::new()
         .route("/livez", get(|| async { "ok" }))
         .route(
@@ -140,19 +141,35 @@ pub async fn run(opts: OperatorOptions) -> anyhow::Result<()> {
         Some(ns) => Api::namespaced(client.clone(), ns),
         None => Api::all(client.clone()),
     };
-    let metrics = Arc::new(Metrics::default());
+    let metrics = Arc::new(OperatorMetrics::default());
     let ready = Arc::new(AtomicBool::new(false));
 
     let addr = SocketAddr::from(([0, 0, 0, 0], opts.port));
     let listener =
         tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
     let app = router(ready.clone(), metrics.clone());
-    tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "operator HTTP server stopped");
-        }
-    });
+    // Served until the controller ends, then drained like the service's servers.
+    let http_stop = CancellationToken::new();
+    let http = tokio::spawn(crate::app::serve(listener, app, http_stop.clone()));
+    let result = control(client, pipelines, opts, ready, metrics).await;
+    http_stop.cancel();
+    match http.await {
+        Ok(Err(e)) => tracing::error!(error = %e, "operator HTTP server failed"),
+        Err(e) => tracing::error!(error = %e, "operator HTTP server task failed"),
+        Ok(Ok(())) => {}
+    }
+    result
+}
 
+/// The controller proper: checks the APIs, waits for the Lease if asked to, reconciles until
+/// SIGTERM/SIGINT or a lost Lease.
+async fn control(
+    client: Client,
+    pipelines: Api<AnalyticsPipeline>,
+    opts: OperatorOptions,
+    ready: Arc<AtomicBool>,
+    metrics: Arc<OperatorMetrics>,
+) -> anyhow::Result<()> {
     pipelines
         .list(&ListParams::default().limit(1))
         .await

@@ -24,13 +24,13 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use super::crd::{
-    API_VERSION, AnalyticsPipeline, AnalyticsPipelineStatus, AutoscalerKind, Condition, KIND,
-    ReplayPhase, ReplayStatus,
+    AnalyticsPipeline, AnalyticsPipelineStatus, AutoscalerKind, Condition, ReplayPhase,
+    ReplayStatus,
 };
-use super::metrics::Metrics;
+use super::metrics::OperatorMetrics;
 use super::replay::{self, Observations};
 use super::resources::{self, BuildError, FIELD_MANAGER};
-use crate::kafka_admin::{self, KafkaAdminError, PartitionChange, ResetTarget};
+use crate::kafka::admin::{self, KafkaAdminError, PartitionChange, ResetTarget};
 
 /// Requeue while a migration Job runs.
 const MIGRATION_POLL: Duration = Duration::from_secs(10);
@@ -98,7 +98,7 @@ pub trait OffsetResetter: Send + Sync {
     ) -> BoxFuture<'a, Result<Vec<PartitionChange>, KafkaAdminError>>;
 }
 
-/// [`PartitionSource`] and [`OffsetResetter`] backed by [`crate::kafka_admin`] on blocking threads.
+/// [`PartitionSource`] and [`OffsetResetter`] backed by [`crate::kafka::admin`] on blocking threads.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct KafkaAdmin;
 
@@ -118,7 +118,7 @@ impl PartitionSource for KafkaAdmin {
         let (conn, topic) = (conn.clone(), topic.to_owned());
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
-                kafka_admin::partition_count(&conn.brokers, &conn.props, &topic)
+                admin::partition_count(&conn.brokers, &conn.props, &topic)
             })
             .await
             .map_err(join_error)?
@@ -134,7 +134,7 @@ impl PartitionSource for KafkaAdmin {
         let (conn, group, topics) = (conn.clone(), group.to_owned(), topics.to_vec());
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
-                kafka_admin::group_lag(&conn.brokers, &conn.props, &group, &topics)
+                admin::group_lag(&conn.brokers, &conn.props, &group, &topics)
             })
             .await
             .map_err(join_error)?
@@ -153,14 +153,7 @@ impl OffsetResetter for KafkaAdmin {
         let (conn, group, topics) = (conn.clone(), group.to_owned(), topics.to_vec());
         Box::pin(async move {
             tokio::task::spawn_blocking(move || {
-                kafka_admin::reset_offsets(
-                    &conn.brokers,
-                    &conn.props,
-                    &group,
-                    &topics,
-                    target,
-                    false,
-                )
+                admin::reset_offsets(&conn.brokers, &conn.props, &group, &topics, target, false)
             })
             .await
             .map_err(join_error)?
@@ -183,7 +176,7 @@ pub struct Context {
     /// How often a healthy pipeline is re-checked (partition count may have grown).
     pub recheck: Duration,
     /// Reconcile metrics.
-    pub metrics: Arc<Metrics>,
+    pub metrics: Arc<OperatorMetrics>,
     /// Consecutive failures per object, for exponential backoff.
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -197,7 +190,7 @@ impl Context {
         resetter: Arc<dyn OffsetResetter>,
         monitoring_api: bool,
         recheck: Duration,
-        metrics: Arc<Metrics>,
+        metrics: Arc<OperatorMetrics>,
     ) -> Self {
         Self {
             client,
@@ -371,7 +364,11 @@ impl Run<'_> {
         self.st.conditions = conds;
         self.st.observed_generation = generation;
         let api: Api<AnalyticsPipeline> = self.api();
-        let body = json!({"apiVersion": API_VERSION, "kind": KIND, "status": self.st});
+        let body = json!({
+            "apiVersion": AnalyticsPipeline::api_version(&()),
+            "kind": AnalyticsPipeline::kind(&()),
+            "status": self.st
+        });
         let pp = PatchParams::apply(FIELD_MANAGER).force();
         api.patch_status(&self.name, &pp, &Patch::Apply(&body)).await?;
         Ok(())

@@ -10,7 +10,7 @@
 use chrono::{DateTime, Utc};
 
 use super::crd::{ReplayPhase, ReplaySpec, ReplayStatus};
-use crate::kafka_admin::ResetTarget;
+use crate::kafka::admin::ResetTarget;
 
 /// What the driver has looked at before asking for the next step.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -13,10 +13,10 @@ use kube::runtime::events::{Recorder, Reporter};
 use serde_json::{Value, json};
 
 use super::crd::{AnalyticsPipeline, ReplayPhase, ReplaySpec};
-use super::metrics::Metrics;
+use super::metrics::OperatorMetrics;
 use super::reconcile::{self, Context, KafkaConnection, OffsetResetter, PartitionSource};
 use super::resources::tests::pipeline;
-use crate::kafka_admin::{KafkaAdminError, PartitionChange, ResetTarget};
+use crate::kafka::admin::{KafkaAdminError, PartitionChange, ResetTarget};
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 
@@ -189,7 +189,7 @@ fn context(partitions: Result<i32, ()>, resetter: Arc<FakeResetter>) -> (Arc<Con
         resetter,
         false,
         Duration::from_secs(300),
-        Arc::new(Metrics::default()),
+        Arc::new(OperatorMetrics::default()),
     );
     (Arc::new(ctx), handle)
 }

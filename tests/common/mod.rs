@@ -20,7 +20,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Header, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 
-use nexus_analytics::demo::{self, ProduceOptions};
+use nexus_analytics::cli::produce::{self, ProduceOptions};
 
 static UNIQUE: AtomicU64 = AtomicU64::new(0);
 
@@ -654,7 +654,7 @@ pub fn produce_demo(bootstrap: &str, topic: &str, count: u64, rate: u64, seed: u
     config.set("bootstrap.servers", bootstrap);
     let options =
         ProduceOptions { count, rate, topic: topic.into(), invalid_percent: 0, users: 500, seed };
-    let report = demo::produce(config, &options, &AtomicBool::new(false)).expect("produce");
+    let report = produce::produce(config, &options, &AtomicBool::new(false)).expect("produce");
     assert_eq!(report.failed, 0);
     report.delivered
 }
@@ -673,7 +673,7 @@ pub fn produce_mixed(
     config.set("bootstrap.servers", bootstrap);
     let options =
         ProduceOptions { count, rate, topic: topic.into(), invalid_percent, users: 500, seed };
-    let report = demo::produce(config, &options, &AtomicBool::new(false)).expect("produce");
+    let report = produce::produce(config, &options, &AtomicBool::new(false)).expect("produce");
     assert_eq!(report.failed, 0, "deliveries failed");
     report.delivered
 }
@@ -685,8 +685,8 @@ pub fn valid_among(count: u64, seed: u64, invalid_percent: u8) -> u64 {
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
     (0..count)
         .filter(|_| {
-            let (_, payload) = demo::make_event(&mut rng, 500, invalid_percent);
-            nexus_analytics::event::decode(&payload, None, 512 * 1024).is_ok()
+            let (_, payload) = produce::make_event(&mut rng, 500, invalid_percent);
+            nexus_analytics::ingest::event::decode(&payload, None, 512 * 1024).is_ok()
         })
         .count() as u64
 }

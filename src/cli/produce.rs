@@ -189,7 +189,7 @@ pub fn produce(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event;
+    use crate::ingest::event;
 
     #[test]
     fn generated_events_decode_and_cover_every_known_type() {

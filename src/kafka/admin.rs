@@ -14,7 +14,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::lag;
+use crate::ingest::lag;
 
 /// Timeout of each broker round trip.
 const TIMEOUT: Duration = Duration::from_secs(10);

@@ -17,6 +17,8 @@
 //!   PostgreSQL rejects a batch because of its data, the batch is split in halves until the
 //!   offending rows are isolated; the rest is stored.
 
+pub mod partitions;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,7 +29,7 @@ use sqlx::postgres::{PgArguments, PgConnectOptions, PgPoolOptions};
 use sqlx::query::Query;
 use sqlx::{PgPool, Postgres, Row};
 
-use crate::event::Event;
+use crate::ingest::event::Event;
 
 /// Embedded migrations from `migrations/`.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");

@@ -1,4 +1,4 @@
-//! Batching policy and the offsets a batch may commit. Pure: no I/O, unit-tested.
+//! When a batch is written, and the offsets it may commit. Pure: no I/O, unit-tested.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -81,12 +81,20 @@ impl BatchPolicy {
     }
 }
 
-/// The next offset to commit per (topic, partition): one past the highest offset seen.
+/// Per (topic, partition): the next offset to commit — one past the highest offset seen —
+/// and how many records were seen. The counts are the batch's one length counter: a revoked
+/// partition takes its records with it, so the length never drifts from what is in hand.
 ///
 /// Kafka commits mean "resume here", so the value stored is `offset + 1`.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct OffsetTracker {
-    next: BTreeMap<(String, i32), i64>,
+    next: BTreeMap<(String, i32), Seen>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Seen {
+    next: i64,
+    records: usize,
 }
 
 impl OffsetTracker {
@@ -94,16 +102,24 @@ impl OffsetTracker {
     pub fn observe(&mut self, topic: &str, partition: i32, offset: i64) {
         let next = offset + 1;
         match self.next.get_mut(&(topic.to_string(), partition)) {
-            Some(current) => *current = (*current).max(next),
+            Some(seen) => {
+                seen.next = seen.next.max(next);
+                seen.records += 1;
+            }
             None => {
-                self.next.insert((topic.to_string(), partition), next);
+                self.next.insert((topic.to_string(), partition), Seen { next, records: 1 });
             }
         }
     }
 
+    /// Records observed, over the partitions kept.
+    pub fn records(&self) -> usize {
+        self.next.values().map(|s| s.records).sum()
+    }
+
     /// The offsets to commit once the batch is durable.
     pub fn commits(&self) -> impl Iterator<Item = (&str, i32, i64)> {
-        self.next.iter().map(|((t, p), o)| (t.as_str(), *p, *o))
+        self.next.iter().map(|((t, p), s)| (t.as_str(), *p, s.next))
     }
 
     /// Forgets partitions that are no longer ours (after a revocation we could not flush).
@@ -114,11 +130,6 @@ impl OffsetTracker {
     /// True when nothing was observed.
     pub fn is_empty(&self) -> bool {
         self.next.is_empty()
-    }
-
-    /// Forgets everything (after a successful commit).
-    pub fn clear(&mut self) {
-        self.next.clear();
     }
 
     /// The distinct partitions in the batch, for log lines and spans.
@@ -214,9 +225,11 @@ mod tests {
         t.observe("b", 0, 0);
         let commits: Vec<_> = t.commits().collect();
         assert_eq!(commits, vec![("a", 0, 6), ("a", 1, 10), ("b", 0, 1)]);
+        assert_eq!(t.records(), 4);
         t.retain(|topic, p| !(topic == "a" && p == 1));
         assert_eq!(t.partitions(), vec!["a/0", "b/0"]);
-        t.clear();
+        assert_eq!(t.records(), 3);
+        t.retain(|_, _| false);
         assert!(t.is_empty());
     }
 

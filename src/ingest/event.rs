@@ -55,7 +55,7 @@ pub enum RejectReason {
     /// PostgreSQL refused the row (caught when a batch is split down to that row).
     DbRejected,
     /// The event time lies further ahead than the partitions kept ready (see
-    /// [`crate::maintenance::ingest_window`]): almost always a producer's clock or unit error.
+    /// [`crate::storage::partitions::ingest_window`]): almost always a producer's clock or unit error.
     FutureTimestamp,
 }
 

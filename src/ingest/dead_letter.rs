@@ -14,7 +14,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, Headers, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use crate::event::{RejectReason, Rejection};
+use crate::ingest::event::{RejectReason, Rejection};
 
 /// Value bytes kept when the full record is too large for the dead-letter topic.
 pub const TRUNCATED_VALUE_BYTES: usize = 64 * 1024;
@@ -68,11 +68,6 @@ impl DeadLetterSink {
             .set("message.timeout.ms", "30000")
             .create()?;
         Ok(Self { producer, topic: topic.to_string(), group_id: group_id.to_string() })
-    }
-
-    /// The destination topic.
-    pub fn topic(&self) -> &str {
-        &self.topic
     }
 
     /// Sends every letter. Delivered ones are reported by reason; undelivered ones are handed

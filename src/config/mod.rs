@@ -225,7 +225,7 @@ pub struct Settings {
     pub retention_days: Option<u32>,
     /// How often partition maintenance runs, e.g. `1h`, `15m`, `3600s`.
     pub maintenance_interval: String,
-    /// Filtering and routing rules as a JSON array (see [`crate::routing`]).
+    /// Filtering and routing rules as a JSON array (see [`crate::ingest::routing`]).
     pub routing_rules: Option<String>,
 }
 
@@ -463,8 +463,8 @@ impl Settings {
     }
 
     /// The routing rules, parsed and checked.
-    pub fn routing_rules(&self) -> Result<crate::routing::Rules, ConfigError> {
-        crate::routing::Rules::parse(self.routing_rules.as_deref().unwrap_or("[]"))
+    pub fn routing_rules(&self) -> Result<crate::ingest::routing::Rules, ConfigError> {
+        crate::ingest::routing::Rules::parse(self.routing_rules.as_deref().unwrap_or("[]"))
             .map_err(|reason| ConfigError::Invalid { setting: "ROUTING_RULES".into(), reason })
     }
 

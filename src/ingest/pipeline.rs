@@ -11,29 +11,29 @@
 //! rebalance callback that must flush before partitions are handed to another replica. Both run
 //! on the consumer thread, never at the same time; the mutexes only make that sharing safe.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use opentelemetry::trace::SpanContext;
+use rdkafka::TopicPartitionList;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
 use rdkafka::message::Headers;
 use rdkafka::message::{BorrowedMessage, Message};
-use rdkafka::{Offset, TopicPartitionList};
 use tracing::{debug, info, info_span, warn};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::batch::{BatchPolicy, OffsetTracker, Step};
-use crate::dead_letter::{DeadLetter, DeadLetterSink, Forward};
-use crate::event::{self, RejectReason, Rejection};
-use crate::health::Status;
-use crate::maintenance::{self, Admission};
-use crate::routing::Rules;
+pub use crate::ingest::batch::FlushReport;
+use crate::ingest::batch::{Batch, Consumed, Outcome, Report};
+use crate::ingest::batch_policy::{BatchPolicy, Step};
+use crate::ingest::dead_letter::{DeadLetter, DeadLetterSink, Forward};
+use crate::ingest::event::{self, RejectReason, Rejection};
+use crate::ingest::routing::Rules;
+use crate::observe::metrics::Metrics;
+use crate::observe::status::Status;
+use crate::observe::tracing::parse_traceparent;
+use crate::storage::partitions::{self, Admission};
 use crate::storage::{EventStore, StorageError, StoredEvent, WriteOutcome};
-use crate::telemetry::{Metrics, parse_traceparent};
 
-/// Links per batch span; enough to follow a sample of producers without bloating spans.
-const MAX_SPAN_LINKS: usize = 32;
 /// Longest `poll` while writes run: how late a finished batch's offsets may commit.
 const IN_FLIGHT_POLL: Duration = Duration::from_millis(2);
 
@@ -51,60 +51,6 @@ pub enum FlushError {
     Forward(String),
 }
 
-/// A write running on the runtime: its result and how long the database took.
-type Writing = tokio::task::JoinHandle<(Result<WriteOutcome, StorageError>, Duration)>;
-
-#[derive(Default)]
-struct Batch {
-    /// Shared with the write task while it runs; only this batch holds it otherwise.
-    rows: Arc<Vec<StoredEvent>>,
-    /// The consumed record behind each row, for dead-lettering rows PostgreSQL refuses.
-    sources: Vec<rdkafka::message::OwnedMessage>,
-    dead: Vec<DeadLetter>,
-    offsets: OffsetTracker,
-    bytes: usize,
-    first_at: Option<Instant>,
-    /// The write started when the batch was sealed, until its result is taken.
-    writing: Option<Writing>,
-    /// Set once the rows are durable, so a retry after a dead-letter failure skips the insert.
-    written: Option<WriteOutcome>,
-    dead_lettered: Vec<RejectReason>,
-    /// Records consumed into this batch (stored, skipped, forwarded or dead-lettered).
-    offsets_seen: usize,
-    /// Producers' trace contexts (W3C `traceparent` headers) the batch span links to.
-    links: Vec<SpanContext>,
-    /// Copies routing rules send elsewhere (before the offsets commit).
-    forwards: Vec<Forward>,
-    /// Events routing rules decided on, per rule; and how many were skipped.
-    rule_hits: HashMap<String, u64>,
-    skipped: u64,
-    /// Events older than the retention horizon: counted, not stored, their offsets committed.
-    expired: u64,
-}
-
-impl Batch {
-    fn len(&self) -> usize {
-        self.offsets_seen
-    }
-
-    fn is_empty(&self) -> bool {
-        self.offsets.is_empty()
-    }
-}
-
-/// What a successful flush did, for callers that report on it.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct FlushReport {
-    /// Records in the batch.
-    pub events: usize,
-    /// Rows inserted.
-    pub inserted: u64,
-    /// Rows already present.
-    pub duplicates: u64,
-    /// Records dead-lettered.
-    pub dead_lettered: usize,
-}
-
 /// How records are batched, bounded and routed.
 #[derive(Debug, Clone)]
 pub struct PipelineOptions {
@@ -117,8 +63,8 @@ pub struct PipelineOptions {
     /// Batches being written at once (at least 1; each holds a pool connection).
     pub max_in_flight: usize,
     /// Partitioning and retention: which event times are stored
-    /// ([`maintenance::ingest_window`]).
-    pub partitions: maintenance::Policy,
+    /// ([`partitions::ingest_window`]).
+    pub partitions: partitions::Policy,
 }
 
 /// Turns consumed records into durable rows and committed offsets.
@@ -136,7 +82,7 @@ pub struct Pipeline {
     /// Sealed batches, oldest first, not yet committed.
     in_flight: Mutex<VecDeque<Batch>>,
     max_in_flight: usize,
-    partitions: maintenance::Policy,
+    partitions: partitions::Policy,
 }
 
 impl Pipeline {
@@ -192,7 +138,7 @@ impl Pipeline {
     /// Adds a consumed record to the batch, decoded, or marked for the dead-letter topic.
     pub fn push(&self, msg: &BorrowedMessage<'_>) {
         let payload = msg.payload().unwrap_or_default();
-        let window = maintenance::ingest_window(&self.partitions, chrono::Utc::now());
+        let window = partitions::ingest_window(&self.partitions, chrono::Utc::now());
         let decoded = event::decode(payload, msg.timestamp().to_millis(), self.max_event_bytes)
             .and_then(|event| match window.admit(event.timestamp) {
                 Admission::TooFarAhead => Err(Rejection::new(
@@ -205,42 +151,31 @@ impl Pipeline {
                 )),
                 _ => Ok(event),
             });
-        let mut batch = self.batch();
-        match decoded {
-            Ok(event) if window.admit(event.timestamp) == Admission::Expired => {
-                // Past retention: storing it would only have it dropped. Counted (and the
-                // batch's log line says how many); its offset commits with the batch.
-                batch.expired += 1;
-            }
+        let outcome = match decoded {
+            // Past retention: storing it would only have it dropped. Counted (and the batch's
+            // log line says how many); its offset commits with the batch.
+            Ok(event) if window.admit(event.timestamp) == Admission::Expired => Outcome::Expired,
             Ok(event) => {
                 debug!(
                     "Received event: {} from {} (user: {})",
                     event.event_type, event.service, event.user_id
                 );
                 let decision = self.rules.decide(&event.event_type, &event.service);
-                if let Some(rule) = decision.rule {
-                    *batch.rule_hits.entry(rule.to_string()).or_default() += 1;
-                    if let Some(topic) = decision.forward {
-                        let forward = Forward {
-                            record: msg.detach(),
-                            topic: topic.to_string(),
-                            rule: rule.to_string(),
-                        };
-                        batch.forwards.push(forward);
-                    }
-                }
-                if decision.store {
-                    // Not shared while filling: no copy.
-                    Arc::make_mut(&mut batch.rows).push(StoredEvent {
+                let forward = decision.rule.zip(decision.forward).map(|(rule, topic)| Forward {
+                    record: msg.detach(),
+                    topic: topic.to_string(),
+                    rule: rule.to_string(),
+                });
+                let row = decision.store.then(|| {
+                    let row = StoredEvent {
                         topic: msg.topic().to_string(),
                         partition: msg.partition(),
                         offset: msg.offset(),
                         event,
-                    });
-                    batch.sources.push(msg.detach());
-                } else if decision.forward.is_none() {
-                    batch.skipped += 1;
-                }
+                    };
+                    (row, msg.detach())
+                });
+                Outcome::Routed { rule: decision.rule.map(str::to_string), row, forward }
             }
             Err(rejection) => {
                 warn!(
@@ -251,29 +186,35 @@ impl Pipeline {
                     error = %rejection.detail,
                     "record rejected, sending to the dead-letter topic"
                 );
-                batch.dead.push(DeadLetter { record: msg.detach(), rejection });
+                Outcome::Rejected(DeadLetter { record: msg.detach(), rejection })
             }
-        }
-        if batch.links.len() < MAX_SPAN_LINKS
-            && let Some(cx) = msg
-                .headers()
-                .and_then(|h| h.iter().find(|h| h.key == "traceparent"))
-                .and_then(|h| h.value)
-                .and_then(parse_traceparent)
-        {
-            batch.links.push(cx);
-        }
-        batch.offsets.observe(msg.topic(), msg.partition(), msg.offset());
-        batch.bytes += payload.len();
-        batch.offsets_seen += 1;
-        batch.first_at.get_or_insert_with(Instant::now);
+        };
+        let link = msg
+            .headers()
+            .and_then(|h| h.iter().find(|h| h.key == "traceparent"))
+            .and_then(|h| h.value)
+            .and_then(parse_traceparent);
+        let consumed = Consumed {
+            topic: msg.topic(),
+            partition: msg.partition(),
+            offset: msg.offset(),
+            bytes: payload.len(),
+            link,
+        };
+        self.batch().add(consumed, outcome);
     }
 
     /// What to do with the batch in hand, given the writes running.
     fn next_step(&self, now: Instant) -> Step {
         let in_flight = self.in_flight().len();
         let b = self.batch();
-        self.policy.next_step(b.len(), b.bytes, b.first_at, now, (in_flight, self.max_in_flight))
+        self.policy.next_step(
+            b.len(),
+            b.bytes(),
+            b.first_at(),
+            now,
+            (in_flight, self.max_in_flight),
+        )
     }
 
     /// How long the loop may block in `poll`: not at all when there is work, and briefly
@@ -282,11 +223,11 @@ impl Pipeline {
         let in_flight = self.in_flight().len();
         let b = self.batch();
         let slots = (in_flight, self.max_in_flight);
-        match self.policy.next_step(b.len(), b.bytes, b.first_at, now, slots) {
+        match self.policy.next_step(b.len(), b.bytes(), b.first_at(), now, slots) {
             Step::Dispatch | Step::WaitOldest => Duration::ZERO,
             // Not zero even when the batch is due but waits for a write slot: do not spin.
             Step::Fill if in_flight > 0 => IN_FLIGHT_POLL.min(idle),
-            Step::Fill => self.policy.poll_timeout(b.first_at, now, idle),
+            Step::Fill => self.policy.poll_timeout(b.first_at(), now, idle),
         }
     }
 
@@ -344,9 +285,9 @@ impl Pipeline {
         if batch.is_empty() {
             return;
         }
-        if !batch.rows.is_empty() {
+        if !batch.rows().is_empty() {
             let store = self.store.clone();
-            let rows = batch.rows.clone();
+            let rows = batch.rows().clone();
             batch.writing = Some(self.runtime.spawn(async move {
                 let started = Instant::now();
                 (store.write(&rows).await, started.elapsed())
@@ -378,17 +319,17 @@ impl Pipeline {
     /// Takes the result of the batch's write (waiting for it), or writes the rows now when no
     /// write ran or the last one failed. Rows PostgreSQL refused become dead letters.
     fn await_write(&self, batch: &mut Batch) -> Result<(), FlushError> {
-        if batch.written.is_some() {
+        if batch.is_written() {
             return Ok(());
         }
         let (result, took) = match batch.writing.take() {
             Some(writing) => self.runtime.block_on(writing).unwrap_or_else(|e| {
                 (Err(StorageError::Unavailable(format!("write task failed: {e}"))), Duration::ZERO)
             }),
-            None if batch.rows.is_empty() => (Ok(WriteOutcome::default()), Duration::ZERO),
+            None if batch.rows().is_empty() => (Ok(WriteOutcome::default()), Duration::ZERO),
             None => {
                 let started = Instant::now();
-                (self.runtime.block_on(self.store.write(&batch.rows)), started.elapsed())
+                (self.runtime.block_on(self.store.write(batch.rows())), started.elapsed())
             }
         };
         let outcome = match result {
@@ -398,26 +339,10 @@ impl Pipeline {
                 return Err(e.into());
             }
         };
-        if !batch.rows.is_empty() {
+        if !batch.rows().is_empty() {
             self.metrics.record_db_write(took.as_secs_f64());
         }
-        for (index, message) in &outcome.rejected {
-            let row = &batch.rows[*index];
-            warn!(
-                topic = %row.topic,
-                partition = row.partition,
-                offset = row.offset,
-                error = %message,
-                "PostgreSQL rejected the record, sending to the dead-letter topic"
-            );
-            let letter = DeadLetter {
-                record: batch.sources[*index].clone(),
-                rejection: Rejection { reason: RejectReason::DbRejected, detail: message.clone() },
-            };
-            batch.dead.push(letter);
-        }
-        batch.sources = Vec::new();
-        batch.written = Some(outcome);
+        batch.set_written(outcome);
         Ok(())
     }
 
@@ -428,112 +353,119 @@ impl Pipeline {
         consumer: &BaseConsumer<C>,
         mode: CommitMode,
     ) -> Result<FlushReport, FlushError> {
-        let first_at = batch.first_at.unwrap_or_else(Instant::now);
-        // One span per batch (not per event); it links to the producers' traces.
+        let span = Self::batch_span(batch);
+        let _entered = span.enter();
+        self.await_write(batch)?;
+        self.send_forwards(batch)?;
+        self.send_dead_letters(batch)?;
+        self.commit(consumer, &batch.commit_list(), mode);
+        let report = batch.report();
+        self.record(&report, &batch.partitions(), &span);
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            for row in batch.stored_rows() {
+                debug!("Processed event: {} (user: {})", row.event.event_type, row.event.user_id);
+            }
+        }
+        let flushed = report.flush;
+        *batch = Batch::default();
+        Ok(flushed)
+    }
+
+    /// One span per batch (not per event); it links to the producers' traces.
+    fn batch_span(batch: &mut Batch) -> tracing::Span {
         let span = info_span!(
             "batch",
             events = batch.len(),
-            partitions = %batch.offsets.partitions().join(","),
+            partitions = %batch.partitions(),
             inserted = tracing::field::Empty,
             duplicates = tracing::field::Empty,
             dead_lettered = tracing::field::Empty,
         );
-        for link in std::mem::take(&mut batch.links) {
+        for link in batch.take_links() {
             span.add_link(link);
         }
-        let _entered = span.enter();
+        span
+    }
 
-        self.await_write(batch)?;
-
-        if !batch.forwards.is_empty() {
-            let forwards = std::mem::take(&mut batch.forwards);
-            let (failed, error) = self.runtime.block_on(self.dead_letters.forward_all(forwards));
-            if !failed.is_empty() {
-                batch.forwards = failed;
-                self.metrics.record_error("forward_failed");
-                let error = error.map(|e| e.to_string()).unwrap_or_else(|| "unknown".into());
-                return Err(FlushError::Forward(error));
-            }
+    /// Delivers the routed copies; the undelivered stay in the batch for the retry.
+    fn send_forwards(&self, batch: &mut Batch) -> Result<(), FlushError> {
+        if batch.forwards.is_empty() {
+            return Ok(());
         }
-
-        if !batch.dead.is_empty() {
-            let letters = std::mem::take(&mut batch.dead);
-            let sent = self.runtime.block_on(self.dead_letters.send_all(letters));
-            batch.dead_lettered.extend(sent.delivered);
-            if !sent.failed.is_empty() {
-                batch.dead = sent.failed;
-                self.metrics.record_error("dead_letter_failed");
-                let error = sent.error.map(|e| e.to_string()).unwrap_or_else(|| "unknown".into());
-                return Err(FlushError::DeadLetter(error));
-            }
+        let forwards = std::mem::take(&mut batch.forwards);
+        let (failed, error) = self.runtime.block_on(self.dead_letters.forward_all(forwards));
+        if !failed.is_empty() {
+            batch.forwards = failed;
+            self.metrics.record_error("forward_failed");
+            let error = error.map(|e| e.to_string()).unwrap_or_else(|| "unknown".into());
+            return Err(FlushError::Forward(error));
         }
+        Ok(())
+    }
 
-        let mut tpl = TopicPartitionList::new();
-        for (topic, partition, next) in batch.offsets.commits() {
-            if let Err(e) = tpl.add_partition_offset(topic, partition, Offset::Offset(next)) {
-                warn!(error = %e, topic, partition, "cannot build offset commit");
-            }
+    /// Delivers the dead letters; the undelivered stay in the batch for the retry.
+    fn send_dead_letters(&self, batch: &mut Batch) -> Result<(), FlushError> {
+        if batch.dead.is_empty() {
+            return Ok(());
         }
-        if let Err(e) = consumer.commit(&tpl, mode) {
-            // The rows are durable; an offset that did not commit only means a harmless
-            // redelivery (skipped by the unique key). A later commit supersedes it.
+        let letters = std::mem::take(&mut batch.dead);
+        let sent = self.runtime.block_on(self.dead_letters.send_all(letters));
+        batch.dead_lettered.extend(sent.delivered);
+        if !sent.failed.is_empty() {
+            batch.dead = sent.failed;
+            self.metrics.record_error("dead_letter_failed");
+            let error = sent.error.map(|e| e.to_string()).unwrap_or_else(|| "unknown".into());
+            return Err(FlushError::DeadLetter(error));
+        }
+        Ok(())
+    }
+
+    /// Commits the batch's offsets. The rows are durable; an offset that did not commit only
+    /// means a harmless redelivery (skipped by the unique key). A later commit supersedes it.
+    fn commit<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        offsets: &TopicPartitionList,
+        mode: CommitMode,
+    ) {
+        if let Err(e) = consumer.commit(offsets, mode) {
             self.metrics.record_error("commit_failed");
             warn!(error = %e, "offset commit failed; records may be redelivered and skipped");
         }
+    }
 
-        let outcome = batch.written.take().unwrap_or_default();
-        let report = FlushReport {
-            events: batch.len(),
-            inserted: outcome.inserted,
-            duplicates: outcome.duplicates,
-            dead_lettered: batch.dead_lettered.len(),
-        };
-        span.record("inserted", report.inserted);
-        span.record("duplicates", report.duplicates);
-        span.record("dead_lettered", report.dead_lettered);
-        let mut per_type: HashMap<(String, String), u64> = HashMap::new();
-        let rejected: std::collections::HashSet<usize> =
-            outcome.rejected.iter().map(|(i, _)| *i).collect();
-        let log_each = tracing::enabled!(tracing::Level::DEBUG);
-        for (i, row) in batch.rows.iter().enumerate() {
-            if rejected.contains(&i) {
-                continue;
-            }
-            *per_type
-                .entry((row.event.event_type.clone(), row.event.service.clone()))
-                .or_default() += 1;
-            if log_each {
-                debug!("Processed event: {} (user: {})", row.event.event_type, row.event.user_id);
-            }
-        }
-        self.metrics.record_processed(&per_type);
-        for reason in &batch.dead_lettered {
+    /// Metrics, span fields and the "batch committed" line of a durable batch.
+    fn record(&self, report: &Report<'_>, partitions: &str, span: &tracing::Span) {
+        let flush = &report.flush;
+        span.record("inserted", flush.inserted);
+        span.record("duplicates", flush.duplicates);
+        span.record("dead_lettered", flush.dead_lettered);
+        self.metrics.record_processed(&report.per_type);
+        for reason in report.dead_lettered {
             self.metrics.record_dead_letter(*reason);
         }
-        self.metrics.record_routing(&batch.rule_hits, batch.skipped);
-        if batch.expired > 0 {
-            self.metrics.record_expired(batch.expired);
+        self.metrics.record_routing(report.rule_hits, report.skipped);
+        if report.expired > 0 {
+            self.metrics.record_expired(report.expired);
             warn!(
-                expired = batch.expired,
+                expired = report.expired,
                 "events older than RETENTION_DAYS skipped, not stored (counted in analytics_events_expired_total)"
             );
         }
-        let seconds = first_at.elapsed().as_secs_f64();
-        self.metrics.record_batch(report.events, report.inserted, report.duplicates, seconds);
+        let seconds = report.first_at.unwrap_or_else(Instant::now).elapsed().as_secs_f64();
+        self.metrics.record_batch(flush.events, flush.inserted, flush.duplicates, seconds);
         info!(
-            events = report.events,
-            inserted = report.inserted,
-            duplicates = report.duplicates,
-            dead_lettered = report.dead_lettered,
-            skipped = batch.skipped,
-            expired = batch.expired,
-            statements = outcome.statements,
-            partitions = %batch.offsets.partitions().join(","),
+            events = flush.events,
+            inserted = flush.inserted,
+            duplicates = flush.duplicates,
+            dead_lettered = flush.dead_lettered,
+            skipped = report.skipped,
+            expired = report.expired,
+            statements = report.statements,
+            partitions,
             duration_ms = (seconds * 1000.0) as u64,
             "batch committed"
         );
-        *batch = Batch::default();
-        Ok(report)
     }
 
     /// Drops what the batches in hand hold for partitions we no longer own and could not
@@ -551,30 +483,9 @@ impl Pipeline {
             if batch.writing.is_some() {
                 let _ = self.await_write(batch);
             }
-            Self::retain_owned(batch, &owned);
+            batch.retain(&owned);
         }
         queue.retain(|b| !b.is_empty());
-        Self::retain_owned(&mut self.batch(), &owned);
-    }
-
-    fn retain_owned(batch: &mut Batch, owned: &impl Fn(&str, i32) -> bool) {
-        if batch.written.is_none() {
-            // Rows not yet durable: drop those of revoked partitions. (Once written, rows stay:
-            // they are stored, and the outcome's indexes refer to them.)
-            let keep: Vec<bool> = batch.rows.iter().map(|r| owned(&r.topic, r.partition)).collect();
-            let mut kept = keep.iter();
-            Arc::make_mut(&mut batch.rows).retain(|_| kept.next().copied().unwrap_or(false));
-            let mut kept = keep.iter();
-            batch.sources.retain(|_| kept.next().copied().unwrap_or(false));
-        }
-        // Partitions we keep (cooperative rebalancing revokes only some) keep everything
-        // pending; their position has moved past these records, so dropping them would lose them.
-        batch.dead.retain(|l| owned(l.record.topic(), l.record.partition()));
-        batch.forwards.retain(|f| owned(f.record.topic(), f.record.partition()));
-        batch.offsets.retain(owned);
-        batch.offsets_seen = batch.rows.len() + batch.dead.len() + batch.forwards.len();
-        if batch.offsets.is_empty() {
-            *batch = Batch::default();
-        }
+        self.batch().retain(&owned);
     }
 }

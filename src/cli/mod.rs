@@ -1,17 +1,19 @@
 //! The command line: subcommands and how each is carried out.
 
+pub mod produce;
+
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 
+use crate::app;
 use crate::config::{self, Settings};
-use crate::consumer::client_config;
-use crate::demo::{self, ProduceOptions};
-use crate::startup;
-use crate::telemetry;
-use crate::{kafka_admin, operator};
+use crate::kafka::admin;
+use crate::kafka::client_config;
+use crate::operator;
+use produce::ProduceOptions;
 
 /// Consumes Nexus Core user events from Kafka and stores each exactly once in PostgreSQL.
 ///
@@ -159,16 +161,16 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
     if matches!(command, Command::Api) {
         settings.api_database_url().map_err(ConfigFailure)?;
     }
-    let _tracing = telemetry::init_tracing(&settings);
+    let _tracing = crate::observe::tracing::init_tracing(&settings);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("nexus-analytics-rt")
         .build()
         .context("cannot start the async runtime")?;
     match command {
-        Command::Run => runtime.block_on(startup::run(settings)),
-        Command::Api => runtime.block_on(startup::run_api(settings)),
-        Command::Migrate => runtime.block_on(startup::migrate(&settings)),
+        Command::Run => runtime.block_on(app::run(settings)),
+        Command::Api => runtime.block_on(app::run_api(settings)),
+        Command::Migrate => runtime.block_on(app::migrate(&settings)),
         Command::Produce { count, rate, topic, invalid_percent, users, seed } => {
             let topic = topic.unwrap_or_else(|| {
                 settings.topics().first().map(|t| t.to_string()).unwrap_or_default()
@@ -180,7 +182,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 let _ = tokio::signal::ctrl_c().await;
                 signal_stop.store(true, Ordering::Relaxed);
             });
-            let report = demo::produce(client_config(&settings), &options, &stop)?;
+            let report = produce::produce(client_config(&settings), &options, &stop)?;
             let rate = report.delivered as f64 / report.elapsed.as_secs_f64().max(1e-9);
             println!(
                 "produced {} events to {} in {:.2}s ({rate:.0}/s), {} failed",
@@ -228,7 +230,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             let target = match (to_time, to_earliest) {
                 (Some(t), _) => operator::replay::parse_target(&t)
                     .map_err(|e| anyhow::anyhow!("invalid --to-time: {e}"))?,
-                (None, _) => kafka_admin::ResetTarget::Earliest,
+                (None, _) => admin::ResetTarget::Earliest,
             };
             let group = group.unwrap_or_else(|| settings.kafka_group_id.clone());
             let topics = if topics.is_empty() {
@@ -241,7 +243,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 .iter()
                 .map(|(k, v)| (k.clone(), v.expose().to_string()))
                 .collect();
-            let changes = kafka_admin::reset_offsets(
+            let changes = admin::reset_offsets(
                 &settings.kafka_brokers,
                 &properties,
                 &group,

@@ -11,8 +11,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
 
-use crate::health::Status;
-use crate::telemetry::Metrics;
+use crate::observe::metrics::Metrics;
+use crate::observe::status::Status;
 
 /// The service name in `/health`, as the original service reported it.
 pub const SERVICE_NAME: &str = "analytics-service";
