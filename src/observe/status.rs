@@ -274,10 +274,14 @@ impl Status {
     pub fn readiness(&self) -> Readiness {
         let kafka = self.kafka();
         let mut database = self.database();
-        if database.up
-            && let Some(error) = lock(&self.write_error).clone()
-        {
-            database = Component { up: false, detail: format!("writes failing: {error}") };
+        if let Some(error) = lock(&self.write_error).clone() {
+            // Both facts stay visible: a failed ping alone must not hide why writes fail.
+            let detail = if database.up {
+                format!("writes failing: {error}")
+            } else {
+                format!("{}; writes failing: {error}", database.detail)
+            };
+            database = Component { up: false, detail };
         }
         let (dead_letter, forwarding, consume) =
             (self.dead_letter(), self.forwarding(), self.consume());
@@ -353,6 +357,19 @@ pub struct Liveness {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_write_error_shows_beside_a_failed_ping() {
+        let s = Status::default();
+        s.set_kafka(true, "joined");
+        s.set_database(false, "ping timed out");
+        s.set_write_error(Some("relation missing".into()));
+        let r = s.readiness();
+        assert!(!r.ready);
+        assert_eq!(r.database.detail, "ping timed out; writes failing: relation missing");
+        s.set_database(true, "ping ok");
+        assert_eq!(s.readiness().database.detail, "writes failing: relation missing");
+    }
 
     #[test]
     fn ready_only_when_both_dependencies_are_up() {
