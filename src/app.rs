@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use sqlx::PgPool;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -22,8 +23,8 @@ use crate::kafka::client_config;
 use crate::observe::endpoints::{self, AppState};
 use crate::observe::metrics::Metrics;
 use crate::observe::status::Status;
-use crate::storage::EventStore;
 use crate::storage::partitions;
+use crate::storage::{self, EventStore};
 
 /// How often PostgreSQL is pinged for readiness, and how long a ping may take.
 const DB_PING_INTERVAL: Duration = Duration::from_secs(1);
@@ -208,7 +209,7 @@ impl App {
         if let Some((listener, router)) = api {
             spawn_server(&tasks, "api", listener, router, services.clone());
         }
-        tasks.spawn(watch_database(store.clone(), status.clone(), services.clone()));
+        tasks.spawn(watch_database(store.pool().clone(), status.clone(), services.clone()));
         tasks.spawn(maintain_partitions(
             store,
             maintenance_policy(&settings),
@@ -329,7 +330,7 @@ pub async fn run_api(settings: Settings) -> anyhow::Result<()> {
     let ops_app = api::probes::router(status.clone(), metrics.clone());
     let ops_server = tasks.spawn(serve(ops, ops_app, shutdown.clone()));
     let api_server = tasks.spawn(serve(api_listener, app, shutdown.clone()));
-    tasks.spawn(api::probes::watch_database(ping_pool, status.clone(), shutdown.clone()));
+    tasks.spawn(watch_database(ping_pool, status.clone(), shutdown.clone()));
     tasks.close();
     info!(
         database = %crate::config::redact_url(settings.api_database_url()?),
@@ -371,7 +372,9 @@ impl Drop for StoppedOnExit {
     }
 }
 
-async fn watch_database(store: EventStore, status: Arc<Status>, stop: CancellationToken) {
+/// Pings `pool` every `DB_PING_INTERVAL` and records the outcome for readiness until `stop`
+/// (the consumer's pool in `run`, the read pool in `api`).
+async fn watch_database(pool: PgPool, status: Arc<Status>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(DB_PING_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -379,7 +382,7 @@ async fn watch_database(store: EventStore, status: Arc<Status>, stop: Cancellati
             _ = tick.tick() => {}
             _ = stop.cancelled() => return,
         }
-        match store.ping(DB_PING_TIMEOUT).await {
+        match storage::ping(&pool, DB_PING_TIMEOUT).await {
             Ok(()) => status.set_database(true, "ping ok"),
             Err(e) => status.set_database(false, e.to_string()),
         }

@@ -1,9 +1,9 @@
 //! The operational endpoints of the API-only process (`nexus-analytics api`) on `METRICS_PORT`:
 //! `/metrics` (the same OpenTelemetry Prometheus exporter as the consumer), `/livez`, and
-//! `/readyz` and `/health`, which depend on the database only — the process has no Kafka.
+//! `/readyz` and `/health`, which depend on the database only — the process has no Kafka
+//! (`app::watch_database` pings its read pool).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{StatusCode, header};
@@ -11,16 +11,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::json;
-use sqlx::PgPool;
-use tokio_util::sync::CancellationToken;
 
 use crate::observe::endpoints::SERVICE_NAME;
 use crate::observe::metrics::Metrics;
 use crate::observe::status::Status;
-
-/// How often the read pool is pinged for readiness, and how long a ping may take.
-const PING_INTERVAL: Duration = Duration::from_secs(1);
-const PING_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
 struct Probes {
@@ -62,24 +56,5 @@ async fn health(State(p): State<Probes>) -> Response {
         let body = json!({"status": "unhealthy", "service": SERVICE_NAME,
                           "components": {"database": database}});
         (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
-    }
-}
-
-/// Pings the read pool every second and records the outcome (the error without connection
-/// details) until `stop`.
-pub async fn watch_database(pool: PgPool, status: Arc<Status>, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(PING_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.cancelled() => return,
-        }
-        let ping = tokio::time::timeout(PING_TIMEOUT, sqlx::query("SELECT 1").execute(&pool));
-        match ping.await {
-            Ok(Ok(_)) => status.set_database(true, "ping ok"),
-            Ok(Err(e)) => status.set_database(false, crate::storage::describe_error(&e)),
-            Err(_) => status.set_database(false, "ping timed out"),
-        }
     }
 }

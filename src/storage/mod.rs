@@ -131,6 +131,16 @@ pub struct WriteOutcome {
     pub statements: u32,
 }
 
+/// A round trip on `pool` within `timeout`, for readiness (the consumer's pool and the API
+/// process's read pool alike); the error carries no connection details.
+pub async fn ping(pool: &PgPool, timeout: Duration) -> Result<(), StorageError> {
+    match tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(pool)).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(StorageError::Unavailable(describe_error(&e))),
+        Err(_) => Err(StorageError::Unavailable(format!("no answer within {timeout:?}"))),
+    }
+}
+
 /// The write side of `analytics.events`.
 #[derive(Clone)]
 pub struct EventStore {
@@ -173,11 +183,7 @@ impl EventStore {
 
     /// A round trip within `timeout`, for readiness.
     pub async fn ping(&self, timeout: Duration) -> Result<(), StorageError> {
-        match tokio::time::timeout(timeout, sqlx::query("SELECT 1").execute(&self.pool)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(StorageError::Unavailable(describe_error(&e))),
-            Err(_) => Err(StorageError::Unavailable(format!("no answer within {timeout:?}"))),
-        }
+        ping(&self.pool, timeout).await
     }
 
     /// Writes a batch idempotently, isolating rows PostgreSQL refuses.
