@@ -24,10 +24,10 @@ AUTOSCALE_CACHE="$NEXUS_CACHE/autoscale"
 AUTOSCALE_BIN="$AUTOSCALE_CACHE/bin"
 AUTOSCALE_BUILD_LOG="$AUTOSCALE_CACHE/build-times.log"
 
-# name|module|version|package[|extra ldflags]
+# name|module|version|package[|extra ldflags[|build tags]]
 AUTOSCALE_TOOLS=(
     "prometheus-operator|github.com/prometheus-operator/prometheus-operator|$PROM_OPERATOR_VERSION|cmd/operator"
-    "prometheus|github.com/prometheus/prometheus|$PROMETHEUS_VERSION|cmd/prometheus|-X github.com/prometheus/common/version.Version=$PROMETHEUS_RELEASE"
+    "prometheus|github.com/prometheus/prometheus|$PROMETHEUS_VERSION|cmd/prometheus|-X github.com/prometheus/common/version.Version=$PROMETHEUS_RELEASE|remove_all_sd,enable_kubernetes_sd"
     "prometheus-adapter|sigs.k8s.io/prometheus-adapter|$PROM_ADAPTER_VERSION|cmd/adapter"
     "skaffold|github.com/GoogleContainerTools/skaffold/v2|$SKAFFOLD_VERSION|cmd/skaffold"
     "keda-operator|github.com/kedacore/keda/v2|$KEDA_VERSION|cmd/operator"
@@ -65,7 +65,7 @@ _as_replaces() {
 }
 
 _as_build() {
-    local name=$1 module=$2 version=$3 pkg=$4 ldflags="-s -w ${5:-}"
+    local name=$1 module=$2 version=$3 pkg=$4 ldflags="-s -w ${5:-}" tags=${6:-}
     local dir="$AUTOSCALE_CACHE/src/$name" start tfile out rc=0
     mkdir -p "$dir"
     if [[ ! -f "$dir/go.mod" ]] || ! grep -q "^require $module $version\$" "$dir/go.mod"; then
@@ -81,7 +81,7 @@ _as_build() {
     start=$(now_ms)
     log "autoscale-tools: building $name $version ($module/$pkg; minutes on a cold cache)"
     (cd "$dir" && GOTOOLCHAIN=local GOFLAGS=-mod=mod CGO_ENABLED=0 \
-        /usr/bin/time -f '%e %M' -o "$tfile" nice -n 10 go build -trimpath -ldflags="$ldflags" \
+        /usr/bin/time -f '%e %M' -o "$tfile" nice -n 10 go build -trimpath -tags="$tags" -ldflags="$ldflags" \
         -o "$AUTOSCALE_BIN/$name" "$module/$pkg") >&2 || rc=$?
     out="$(<"$tfile")"
     rm -f "$tfile"
@@ -111,15 +111,15 @@ _as_operator_crds() {
 # install_autoscale_tools: build what is missing (KEDA last: the largest tree), link
 # every built binary into .tools/bin; fails naming the tools that did not build.
 install_autoscale_tools() {
-    local t name module version pkg extra failed=()
+    local t name module version pkg extra tags failed=()
     have go || die "autoscale-tools: go not found"
     [[ -x /usr/bin/time ]] || apt_ensure time
     mkdir -p "$AUTOSCALE_BIN" "$TOOLS_BIN"
     for t in "${AUTOSCALE_TOOLS[@]}"; do
         name=$(_as_field "$t" 0) module=$(_as_field "$t" 1) version=$(_as_field "$t" 2) pkg=$(_as_field "$t" 3)
-        extra=$(_as_field "$t" 4)
+        extra=$(_as_field "$t" 4) tags=$(_as_field "$t" 5)
         if ! autoscale_tool_ok "$name" "$version"; then
-            _as_build "$name" "$module" "$version" "$pkg" "$extra" || { failed+=("$name"); continue; }
+            _as_build "$name" "$module" "$version" "$pkg" "$extra" "$tags" || { failed+=("$name"); continue; }
         fi
         ln -sfn "$AUTOSCALE_BIN/$name" "$TOOLS_BIN/$name"
     done

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -72,6 +73,15 @@ pub fn is_connectivity_error(error: &KafkaError) -> bool {
                     | C::OperationTimedOut
                     | C::NetworkException
             )
+    )
+}
+
+/// True when the client reports that no broker at all is reachable. Pure.
+pub fn is_all_brokers_down(error: &KafkaError) -> bool {
+    matches!(
+        error,
+        KafkaError::MessageConsumption(RDKafkaErrorCode::AllBrokersDown)
+            | KafkaError::MessageConsumptionFatal(RDKafkaErrorCode::AllBrokersDown)
     )
 }
 
@@ -178,6 +188,23 @@ pub fn consume(consumer: &PipelineConsumer, shutdown: &CancellationToken, drain_
                 pipeline.metrics().record_error("kafka_error");
                 debug!(error = %e, "broker connectivity error while fetching; librdkafka retries");
             }
+            Some(Err(e)) if is_all_brokers_down(&e) => {
+                // No broker at all: Kafka is down (readiness says so through the client's
+                // error callback), not the partition; librdkafka reconnects by itself.
+                pipeline.metrics().record_error("kafka_error");
+                status.set_kafka(false, "all brokers down");
+                consume_errors_unlogged += 1;
+                if consume_error_logged_at.is_none_or(|t| t.elapsed() >= CONSUME_ERROR_LOG_EVERY) {
+                    warn!(
+                        error = %e,
+                        repeats = consume_errors_unlogged,
+                        "no broker reachable; the client reconnects by itself and fetching \
+                         resumes where it stopped"
+                    );
+                    consume_errors_unlogged = 0;
+                    consume_error_logged_at = Some(Instant::now());
+                }
+            }
             Some(Err(e)) => {
                 // A record or batch the client cannot hand us (a codec it lacks, a corrupt
                 // batch, a missing topic). librdkafka retries the fetch at the same offset, so
@@ -283,6 +310,15 @@ mod tests {
         }
         for code in [C::AllBrokersDown, C::NotImplemented, C::BadCompression] {
             assert!(!is_connectivity_error(&KafkaError::MessageConsumption(code)), "{code:?}");
+        }
+    }
+
+    #[test]
+    fn all_brokers_down_is_told_apart_from_a_stuck_partition() {
+        use rdkafka::types::RDKafkaErrorCode as C;
+        assert!(is_all_brokers_down(&KafkaError::MessageConsumption(C::AllBrokersDown)));
+        for code in [C::BrokerTransportFailure, C::UnknownTopicOrPartition] {
+            assert!(!is_all_brokers_down(&KafkaError::MessageConsumption(code)), "{code:?}");
         }
     }
 

@@ -71,6 +71,29 @@ pub fn is_alive(
     !consumer_stopped && since_last_beat < stall && unsteady_for.is_none_or(|d| d < unsteady_limit)
 }
 
+/// A Kafka observation older than this no longer counts as "up". The client reports through
+/// callbacks served by the consume loop's `poll` (statistics every second), so silence means
+/// the loop is blocked elsewhere: delivering dead letters to a broker that died (up to the
+/// producer's `message.timeout.ms`), a synchronous commit waiting for a coordinator. The last
+/// report said "up" and would otherwise stay on `/readyz` for that whole time.
+pub const KAFKA_OBSERVATION_STALE_AFTER: Duration = Duration::from_secs(10);
+
+/// Kafka's state as it may be reported `age` after it was observed. Pure.
+pub fn kafka_as_of(observed: Component, age: Duration, stale_after: Duration) -> Component {
+    if !observed.up || age < stale_after {
+        return observed;
+    }
+    Component {
+        up: false,
+        detail: format!(
+            "no report from the Kafka client for {}s (the consume loop is blocked, e.g. \
+             delivering to an unreachable broker); last report: {}",
+            age.as_secs(),
+            observed.detail
+        ),
+    }
+}
+
 /// Lag of one assigned partition.
 pub type LagMap = BTreeMap<(String, i32), i64>;
 
@@ -80,7 +103,8 @@ pub struct Status {
     started: Instant,
     heartbeat_ms: AtomicU64,
     consumer_stopped: AtomicBool,
-    kafka: Mutex<Component>,
+    /// Kafka's last observed state and when it was observed.
+    kafka: Mutex<(Component, Instant)>,
     database: Mutex<Component>,
     dead_letter: Mutex<Component>,
     forwarding: Mutex<Component>,
@@ -100,7 +124,7 @@ impl Default for Status {
             started: Instant::now(),
             heartbeat_ms: AtomicU64::new(0),
             consumer_stopped: AtomicBool::new(false),
-            kafka: Mutex::new(Component::unknown()),
+            kafka: Mutex::new((Component::unknown(), Instant::now())),
             database: Mutex::new(Component::unknown()),
             dead_letter: Mutex::new(Component::ok("no delivery failed")),
             forwarding: Mutex::new(Component::ok("no delivery failed")),
@@ -144,7 +168,7 @@ impl Status {
 
     /// Records Kafka's state.
     pub fn set_kafka(&self, up: bool, detail: impl Into<String>) {
-        *lock(&self.kafka) = Component { up, detail: detail.into() };
+        *lock(&self.kafka) = (Component { up, detail: detail.into() }, Instant::now());
     }
 
     /// Records PostgreSQL's state.
@@ -152,9 +176,11 @@ impl Status {
         *lock(&self.database) = Component { up, detail: detail.into() };
     }
 
-    /// Kafka's last observed state.
+    /// Kafka's last observed state; not up once that observation is stale (see
+    /// [`KAFKA_OBSERVATION_STALE_AFTER`]).
     pub fn kafka(&self) -> Component {
-        lock(&self.kafka).clone()
+        let (observed, at) = lock(&self.kafka).clone();
+        kafka_as_of(observed, at.elapsed(), KAFKA_OBSERVATION_STALE_AFTER)
     }
 
     /// PostgreSQL's last observed state.
@@ -357,6 +383,23 @@ pub struct Liveness {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stale_kafka_report_is_not_up_and_says_why() {
+        let stale = Duration::from_secs(10);
+        let up = Component::ok("1 broker(s) up, group up/steady");
+        assert_eq!(kafka_as_of(up.clone(), Duration::from_secs(9), stale), up);
+        let old = kafka_as_of(up, Duration::from_secs(12), stale);
+        assert!(!old.up);
+        assert!(
+            old.detail.starts_with("no report from the Kafka client for 12s"),
+            "{}",
+            old.detail
+        );
+        assert!(old.detail.ends_with("last report: 1 broker(s) up, group up/steady"));
+        let down = Component { up: false, detail: "all brokers down".into() };
+        assert_eq!(kafka_as_of(down.clone(), Duration::from_secs(60), stale), down);
+    }
 
     #[test]
     fn a_write_error_shows_beside_a_failed_ping() {

@@ -1,8 +1,6 @@
 //! Migrations against real databases shaped like the ones they must upgrade.
 
-mod common;
-
-use common::*;
+use crate::common::*;
 
 const GO_TABLE: &str = "CREATE SCHEMA analytics;
     CREATE TABLE analytics.events (id SERIAL PRIMARY KEY, event_type VARCHAR(100) NOT NULL,
@@ -63,7 +61,7 @@ fn the_go_services_table_is_upgraded_in_place_without_losing_rows() {
 fn a_reused_offset_with_a_new_timestamp_is_stored_in_the_legacy_partition() {
     let (admin, url) = empty_database();
     // The table as the first migration created it, with one consumed record.
-    run_sql(&url, include_str!("../migrations/20261126000001_create_events.sql"));
+    run_sql(&url, include_str!("../../migrations/20261126000001_create_events.sql"));
     run_sql(
         &url,
         "INSERT INTO analytics.events (event_type, user_id, service, \"timestamp\", kafka_topic, kafka_partition, kafka_offset) \

@@ -2,8 +2,6 @@
 //! checks the exposition, lag is exact against Apache Kafka's watermarks, and spans reach an
 //! OTLP/HTTP endpoint with links to the producers' traces.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -11,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 fn tool(env: &str, name: &str) -> PathBuf {
     let path = std::env::var_os(env)

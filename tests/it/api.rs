@@ -1,8 +1,6 @@
 //! The query API against a real database: the router runs in-process on a random port, rows are
 //! inserted with SQL, requests go over TCP.
 
-mod common;
-
 use std::collections::{BTreeMap, HashSet};
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -14,7 +12,7 @@ use nexus_analytics::config::Secret;
 use serde_json::Value;
 use sqlx::postgres::PgPoolOptions;
 
-use common::TestDb;
+use crate::common::TestDb;
 
 /// 250 events on 2026-03-01 (four share each timestamp, 17 minutes apart, 3 types, 7 users,
 /// 2 services) and 10 on 2026-03-03 (the first without data); event_counts filled from them.
@@ -150,7 +148,7 @@ fn request(port: u16, method: &str, path: &str, headers: &[(&str, &str)]) -> Res
 
 fn seeded() -> TestDb {
     let db = TestDb::create();
-    common::run_sql(&db.url, SEED);
+    crate::common::run_sql(&db.url, SEED);
     assert_eq!(db.rows(), TOTAL as i64);
     db
 }
@@ -582,7 +580,7 @@ fn openapi_document_describes_the_routes() {
 #[test]
 fn database_failures_are_503_without_details() {
     // Nothing listens on this port.
-    let port = common::free_port();
+    let port = crate::common::free_port();
     let url = format!("postgres://someone:pa55word@127.0.0.1:{port}/nowhere");
     let api = ApiServer::start(&url, None);
     let started = Instant::now();
@@ -638,7 +636,7 @@ fn statement_timeout_stops_a_blocked_query() {
 /// fields, as real payloads have); event `big_at`, if any, gets `big_kib` instead.
 fn seed_large(db: &TestDb, n: usize, kib: usize, big_at: Option<(usize, usize)>) {
     let (big_i, big_kib) = big_at.map_or((-1, 0), |(i, k)| (i as i64, k));
-    common::run_sql(
+    crate::common::run_sql(
         &db.url,
         &format!(
             r#"INSERT INTO analytics.events
@@ -780,7 +778,7 @@ fn overload_is_answered_at_once_with_503_and_retry_after() {
     let blocked = std::thread::spawn(move || request(port, "GET", "/api/v1/events?limit=5", &[]));
     // Wait until that request holds the permit (its query waits for the lock).
     assert!(
-        common::wait_until(Duration::from_secs(10), || {
+        crate::common::wait_until(Duration::from_secs(10), || {
             db.scalar(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock' AND query LIKE 'DECLARE api_page%'",
             ) == 1

@@ -1,12 +1,10 @@
 //! Filtering/routing rules and command-line replay, end to end through the real broker.
 
-mod common;
-
 use std::collections::HashMap;
 use std::process::Command;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use rdkafka::message::{Headers, Message};
 
 fn record(event_type: &str, service: &str, i: usize) -> RawRecord {

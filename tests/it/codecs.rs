@@ -1,12 +1,10 @@
 //! Every compression codec Kafka has reaches the database, and a record the client cannot hand
 //! us is never a silent stop: it is counted by reason and turns readiness down.
 
-mod common;
-
 use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use nexus_analytics::cli::produce::{self, ProduceOptions};
 use rdkafka::ClientConfig;
 

@@ -9,13 +9,11 @@
 //! (reachable broker, member never `up`/`steady`) as the orphaned members of the soak runs, made
 //! deterministic; it happens for real during a rollout that changes the strategy.
 
-mod common;
-
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 

@@ -2,11 +2,9 @@
 //! once through restarts, crashes, outages, shutdowns and rebalances. Broker crashes and
 //! failover are in broker_faults.rs.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 
 const PARTITIONS: u32 = 4;
 

@@ -6,7 +6,6 @@
 //! Environment (set by `scripts/test`): `TEST_KAFKA_BROKERS` (the shared broker), `KAFKA_LIBS`
 //! (Kafka's jars, read by `scripts/kafka node`), `TEST_DATABASE_URL` (an admin URL that may
 //! create databases), `PG_BIN_DIR` (initdb, pg_ctl).
-#![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -125,6 +124,7 @@ impl KafkaNode {
     }
 
     /// Starts the JVM (without waiting for it to serve).
+    #[allow(unsafe_code)] // PR_SET_PDEATHSIG in pre_exec, below
     fn spawn(&mut self) {
         use std::os::unix::process::CommandExt;
         assert!(self.child.is_none(), "node {} is running", self.id);
@@ -180,10 +180,6 @@ impl KafkaNode {
             let _ = child.wait();
         }
     }
-
-    fn running(&self) -> bool {
-        self.child.is_some()
-    }
 }
 
 impl Drop for KafkaNode {
@@ -206,8 +202,7 @@ const NODE_START: Duration = Duration::from_secs(120);
 /// Apache Kafka on free ports with its own data directory (`Broker::private`,
 /// `Broker::start_behind_proxy`) for tests that kill, restart or cut off the broker.
 pub struct Broker {
-    /// The port clients use (the proxy's, when the broker sits behind one).
-    pub port: u16,
+    /// `host:port` clients use (the proxy's, when the broker sits behind one).
     bootstrap: String,
     node: Option<KafkaNode>,
     proxy: Option<Proxy>,
@@ -218,14 +213,7 @@ impl Broker {
     /// The shared broker: topics and groups are per test (unique names), so tests run side by
     /// side on one JVM. It cannot be killed or cut off; use `private` for that.
     pub fn start() -> Self {
-        let bootstrap = shared_bootstrap();
-        let port = bootstrap
-            .split(',')
-            .next()
-            .and_then(|hp| hp.rsplit(':').next())
-            .and_then(|p| p.parse().ok())
-            .unwrap_or(9092);
-        Self { port, bootstrap, node: None, proxy: None, _dir: None }
+        Self { bootstrap: shared_bootstrap(), node: None, proxy: None, _dir: None }
     }
 
     /// A private broker on free ports (a JVM of its own: takes seconds to start).
@@ -278,7 +266,6 @@ impl Broker {
         node.spawn();
         node.wait_serving(NODE_START);
         Self {
-            port: advertised,
             bootstrap: format!("127.0.0.1:{advertised}"),
             node: Some(node),
             proxy: None,
@@ -314,14 +301,6 @@ impl Broker {
     /// Kills the broker process (SIGKILL) and waits for it to exit; its data stays.
     pub fn kill(&mut self) {
         self.node().kill();
-    }
-
-    /// Starts the broker again on the same ports and data directory; waits until it serves.
-    pub fn restart(&mut self) {
-        let node = self.node();
-        node.kill();
-        node.spawn();
-        node.wait_serving(NODE_START);
     }
 
     /// Starts the broker again after `kill` without waiting (the caller measures recovery).
@@ -445,19 +424,6 @@ impl Cluster {
     /// SIGKILLs node `id` (1-3).
     pub fn kill(&mut self, id: i32) {
         self.node(id).kill();
-    }
-
-    /// Starts node `id` again on its data directory and waits until it serves.
-    pub fn restart(&mut self, id: i32) {
-        let node = self.node(id);
-        node.kill();
-        node.spawn();
-        node.wait_serving(NODE_START);
-    }
-
-    /// Whether node `id` runs.
-    pub fn running(&mut self, id: i32) -> bool {
-        self.node(id).running()
     }
 
     fn node(&mut self, id: i32) -> &mut KafkaNode {

@@ -3,8 +3,6 @@
 //! offset, and to a time through real offsetsForTimes) after which a consumer of the group
 //! really re-reads from the expected offsets. Each test has its own topic and groups.
 
-mod common;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
@@ -18,7 +16,7 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::{Message, Offset, TopicPartitionList};
 
-use common::{Broker, unique};
+use crate::common::{Broker, unique};
 
 const PARTITIONS: i32 = 3;
 const PER_PARTITION: i64 = 10;
@@ -216,7 +214,7 @@ fn reset_is_refused_while_the_group_has_members() {
     }
     drop(member);
     // Once the member has left (a clean close sends LeaveGroup), the reset goes through.
-    let left = common::wait_until(Duration::from_secs(20), || {
+    let left = crate::common::wait_until(Duration::from_secs(20), || {
         group_members(&bs, &no_props(), &group).is_ok_and(|i| i.members.is_empty())
     });
     assert!(left, "{:?}", group_members(&bs, &no_props(), &group));

@@ -2,11 +2,9 @@
 //! behind an open transaction wait for it (the last stable offset), then arrive exactly once.
 //! Needs a broker with real transaction support (Apache Kafka).
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};

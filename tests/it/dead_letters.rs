@@ -2,12 +2,10 @@
 //! lands in the dead-letter topic with its reason and source coordinates, and the good records
 //! around it are stored.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use rdkafka::message::{Headers, Message};
 
 fn good(i: usize) -> Vec<u8> {

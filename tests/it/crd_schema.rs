@@ -5,7 +5,7 @@ use kube::CustomResourceExt;
 use nexus_analytics::operator::{AnalyticsPipeline, crd_yaml};
 use serde_json::Value;
 
-const EXAMPLE: &str = include_str!("../k8s/operator/example-pipeline.yaml");
+const EXAMPLE: &str = include_str!("../../k8s/operator/example-pipeline.yaml");
 
 fn validator() -> jsonschema::Validator {
     let crd = AnalyticsPipeline::crd();

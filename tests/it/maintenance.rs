@@ -1,9 +1,7 @@
 //! Partition maintenance and retention on a real PostgreSQL.
 
-mod common;
-
+use crate::common::*;
 use chrono::{DateTime, Utc};
-use common::*;
 use nexus_analytics::config::PartitionInterval;
 use nexus_analytics::storage::partitions::{self, ADVISORY_LOCK_KEY, Policy};
 
