@@ -42,13 +42,13 @@
         asks for an External metric the prometheus-adapter rule serves, selects
         consumer_group = the pipeline's group, and the ServiceMonitor sets that
         label on every series.
-    k8s_checks.py dashboard DASHBOARD.json MIGRATIONS_DIR TELEMETRY.rs OUT.yaml
+    k8s_checks.py dashboard DASHBOARD.json MIGRATIONS_DIR METRICS.txt OUT.yaml
         The Grafana dashboard: valid JSON, schemaVersion >= 39, datasource
         variables DS_PROMETHEUS (prometheus) and DS_POSTGRES
         (grafana-postgresql-datasource), unique panel ids, every panel (rows
         aside) and target on one of them, no overlapping panels; every analytics_*
-        metric it names is one src/observe/metrics.rs registers (histograms: _bucket,
-        _sum, _count); every SQL query is time-filtered and reads only analytics.*
+        metric it names is one the binary exports (METRICS.txt: the output of
+        `nexus-analytics metrics`; histograms: _bucket, _sum, _count); every SQL query is time-filtered and reads only analytics.*
         relations that migrations/ create (and do not drop). Every PromQL
         expression goes into OUT.yaml as a recording rule, Grafana's $__rate_interval,
         $__interval and $__range replaced by 5m and dashboard variables by .*, for
@@ -560,16 +560,20 @@ def all_panels(panels):
         yield from all_panels(p.get("panels"))
 
 
-def telemetry_metrics(path):
-    """Series names src/observe/metrics.rs registers (histograms expand to _bucket/_sum/_count)."""
-    with open(path) as fh:
-        src = fh.read()
+def exported_metrics(path):
+    """Series names in `nexus-analytics metrics` output ("name type help" per line);
+    histograms expand to _bucket/_sum/_count."""
     names = set()
-    for kind, name in re.findall(r"\.(\w+?)\(\s*\"(analytics_[a-z0-9_]+)\"\s*\)", src):
-        if kind.endswith("histogram"):
-            names.update(f"{name}{suf}" for suf in ("_bucket", "_sum", "_count"))
-        else:
-            names.add(name)
+    with open(path) as fh:
+        for line in fh:
+            parts = line.split(maxsplit=2)
+            if len(parts) < 2 or not parts[0].startswith("analytics_"):
+                continue
+            name, kind = parts[0], parts[1]
+            if kind == "histogram":
+                names.update(f"{name}{suf}" for suf in ("_bucket", "_sum", "_count"))
+            else:
+                names.add(name)
     return names
 
 
@@ -595,7 +599,7 @@ def promql_for_promtool(expr):
     return GRAFANA_VAR.sub(".*", out), leftover
 
 
-def cmd_dashboard(dash_path, mig_dir, telemetry_path, out):
+def cmd_dashboard(dash_path, mig_dir, metrics_path, out):
     problems = []
     try:
         with open(dash_path) as fh:
@@ -613,17 +617,17 @@ def cmd_dashboard(dash_path, mig_dir, telemetry_path, out):
         v = variables.get(ref[2:-1])
         if not v or v.get("type") != "datasource" or v.get("query") != plugin:
             problems.append(f"no datasource variable {ref[2:-1]} of type {plugin}")
-    metrics = telemetry_metrics(telemetry_path)
+    metrics = exported_metrics(metrics_path)
     relations = migration_relations(mig_dir)
     if not metrics:
-        problems.append(f"no analytics_* metric found in {telemetry_path}")
+        problems.append(f"no analytics_* metric found in {metrics_path} (nexus-analytics metrics)")
     if not relations:
         problems.append(f"no analytics.* relation found in {mig_dir}")
 
     def check_metrics(text, where):
         for m in sorted(set(re.findall(r"\banalytics_[a-z0-9_]+", text))):
             if m not in metrics:
-                problems.append(f"{where}: metric {m} is not exported (src/observe/metrics.rs)")
+                problems.append(f"{where}: metric {m} is not exported (nexus-analytics metrics)")
 
     for name, v in variables.items():
         if v.get("type") == "query":

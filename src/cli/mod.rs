@@ -61,6 +61,13 @@ pub enum Command {
     },
     /// Print every environment variable the service reads, one per line.
     EnvVars,
+    /// Print every metric the process exports: name, type and help, one per line
+    /// (`--api`: the `nexus-analytics api` process's few).
+    Metrics {
+        /// The query-API process's metrics instead of the consumer's.
+        #[arg(long)]
+        api: bool,
+    },
     /// Print the AnalyticsPipeline CustomResourceDefinition (YAML).
     Crd,
     /// Print what the operator would apply for an AnalyticsPipeline manifest (YAML documents),
@@ -142,6 +149,16 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 println!("{name}");
             }
             println!("{}*", config::KAFKA_PROPERTY_PREFIX);
+            return Ok(());
+        }
+        Command::Metrics { api } => {
+            use crate::observe::metrics::{Metrics, Role};
+            let role = if api { Role::Api } else { Role::Ingest };
+            let metrics = Metrics::for_role(Arc::default(), role)
+                .map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
+            for s in metrics.series() {
+                println!("{} {} {}", s.name, s.kind.as_str(), s.help);
+            }
             return Ok(());
         }
         Command::Crd => {
@@ -265,6 +282,9 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::EnvVars | Command::Crd | Command::OperatorRender { .. } => Ok(()),
+        Command::EnvVars
+        | Command::Metrics { .. }
+        | Command::Crd
+        | Command::OperatorRender { .. } => Ok(()),
     }
 }

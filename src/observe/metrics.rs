@@ -37,6 +37,77 @@ const SECONDS_BUCKETS: [f64; 16] = [
 const BATCH_SIZE_BUCKETS: [f64; 12] =
     [1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0];
 
+/// The kind of a series, as Prometheus' `# TYPE` line names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Histogram,
+    Gauge,
+}
+
+impl Kind {
+    /// The `# TYPE` word.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Counter => "counter",
+            Kind::Histogram => "histogram",
+            Kind::Gauge => "gauge",
+        }
+    }
+}
+
+/// One metric a process registers: `nexus-analytics metrics` prints these, so dashboards and
+/// alerts are checked against what the binary exports, not against its source text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Series {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub help: &'static str,
+}
+
+/// Builds instruments and remembers each one it built: the catalogue cannot drift from the
+/// instruments because it is the list of calls that made them.
+struct Instruments {
+    meter: Meter,
+    series: Vec<Series>,
+}
+
+impl Instruments {
+    fn note(&mut self, name: &'static str, kind: Kind, help: &'static str) {
+        self.series.push(Series { name, kind, help });
+    }
+
+    fn counter(&mut self, name: &'static str, help: &'static str) -> Counter<u64> {
+        self.note(name, Kind::Counter, help);
+        self.meter.u64_counter(name).with_description(help).build()
+    }
+
+    fn histogram(
+        &mut self,
+        name: &'static str,
+        help: &'static str,
+        bounds: &[f64],
+    ) -> Histogram<f64> {
+        self.note(name, Kind::Histogram, help);
+        self.meter
+            .f64_histogram(name)
+            .with_description(help)
+            .with_boundaries(bounds.to_vec())
+            .build()
+    }
+
+    /// An observable gauge read at scrape time by `observe`.
+    fn gauge(
+        &mut self,
+        name: &'static str,
+        help: &'static str,
+        observe: impl Fn(&dyn opentelemetry::metrics::AsyncInstrument<i64>) + Send + Sync + 'static,
+    ) {
+        self.note(name, Kind::Gauge, help);
+        self.meter.i64_observable_gauge(name).with_description(help).with_callback(observe).build();
+    }
+}
+
 /// Caps the distinct values of a producer-controlled label.
 #[derive(Debug)]
 pub struct LabelCap {
@@ -94,6 +165,7 @@ pub struct Metrics {
     partitions_dropped: Counter<u64>,
     event_types: LabelCap,
     services: LabelCap,
+    series: Vec<Series>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -132,85 +204,40 @@ impl Metrics {
             .without_units()
             .build()?;
         let provider = SdkMeterProvider::builder().with_reader(exporter).build();
-        let meter = provider.meter("nexus-analytics");
-        let metrics = Self {
-            processed: meter
-                .u64_counter("analytics_events_processed_total")
-                .with_description("Events stored or found already stored, by type and service")
-                .build(),
-            processing_duration: meter
-                .f64_histogram("analytics_events_processing_duration_seconds")
-                .with_description("Seconds from a batch's first record being polled to its offsets being committed")
-                .with_boundaries(SECONDS_BUCKETS.to_vec())
-                .build(),
-            errors: meter
-                .u64_counter("analytics_events_processing_errors_total")
-                .with_description("Processing errors by reason (rejected records and operational failures)")
-                .build(),
-            stored: meter
-                .u64_counter("analytics_events_stored_total")
-                .with_description("Rows this process inserted into analytics.events (redeliveries excluded)")
-                .build(),
-            duplicates: meter
-                .u64_counter("analytics_events_duplicates_total")
-                .with_description("Redelivered records skipped because their row already existed")
-                .build(),
-            dead_letters: meter
-                .u64_counter("analytics_dead_letters_total")
-                .with_description("Records written to the dead-letter topic, by reason")
-                .build(),
-            batch_size: meter
-                .f64_histogram("analytics_batch_size")
-                .with_description("Events per written batch")
-                .with_boundaries(BATCH_SIZE_BUCKETS.to_vec())
-                .build(),
-            db_write_duration: meter
-                .f64_histogram("analytics_db_write_duration_seconds")
-                .with_description("Seconds per batch insert into PostgreSQL")
-                .with_boundaries(SECONDS_BUCKETS.to_vec())
-                .build(),
-            rebalances: meter
-                .u64_counter("analytics_rebalances_total")
-                .with_description("Consumer group rebalances seen by this instance, by kind")
-                .build(),
-            consume_errors: meter
-                .u64_counter("analytics_consume_errors_total")
-                .with_description("Errors the Kafka client returned instead of records, by librdkafka error code (a partition stuck on an undecodable batch repeats its error)")
-                .build(),
-            rule_hits: meter
-                .u64_counter("analytics_routing_rule_hits_total")
-                .with_description("Events a routing rule decided on, by rule name")
-                .build(),
-            skipped: meter
-                .u64_counter("analytics_events_skipped_total")
-                .with_description("Events a skip rule kept out of the database (not dead-lettered)")
-                .build(),
-            expired: meter
-                .u64_counter("analytics_events_expired_total")
-                .with_description("Events older than the retention horizon (RETENTION_DAYS) when consumed: not stored, offsets committed")
-                .build(),
-            maintenance_runs: meter
-                .u64_counter("analytics_maintenance_runs_total")
-                .with_description("Partition maintenance runs by result (ok, skipped: another replica held the lock, error)")
-                .build(),
-            partitions_created: meter
-                .u64_counter("analytics_partitions_created_total")
-                .with_description("Event partitions created ahead of time")
-                .build(),
-            partitions_dropped: meter
-                .u64_counter("analytics_partitions_dropped_total")
-                .with_description("Event partitions dropped by retention")
-                .build(),
+        let mut r = Instruments { meter: provider.meter("nexus-analytics"), series: Vec::new() };
+        let mut metrics = Self {
+            processed: r.counter("analytics_events_processed_total", "Events stored or found already stored, by type and service"),
+            processing_duration: r.histogram("analytics_events_processing_duration_seconds", "Seconds from a batch's first record being polled to its offsets being committed", &SECONDS_BUCKETS),
+            errors: r.counter("analytics_events_processing_errors_total", "Processing errors by reason (rejected records and operational failures)"),
+            stored: r.counter("analytics_events_stored_total", "Rows this process inserted into analytics.events (redeliveries excluded)"),
+            duplicates: r.counter("analytics_events_duplicates_total", "Redelivered records skipped because their row already existed"),
+            dead_letters: r.counter("analytics_dead_letters_total", "Records written to the dead-letter topic, by reason"),
+            batch_size: r.histogram("analytics_batch_size", "Events per written batch", &BATCH_SIZE_BUCKETS),
+            db_write_duration: r.histogram("analytics_db_write_duration_seconds", "Seconds per batch insert into PostgreSQL", &SECONDS_BUCKETS),
+            rebalances: r.counter("analytics_rebalances_total", "Consumer group rebalances seen by this instance, by kind"),
+            consume_errors: r.counter("analytics_consume_errors_total", "Errors the Kafka client returned instead of records, by librdkafka error code (a partition stuck on an undecodable batch repeats its error)"),
+            rule_hits: r.counter("analytics_routing_rule_hits_total", "Events a routing rule decided on, by rule name"),
+            skipped: r.counter("analytics_events_skipped_total", "Events a skip rule kept out of the database (not dead-lettered)"),
+            expired: r.counter("analytics_events_expired_total", "Events older than the retention horizon (RETENTION_DAYS) when consumed: not stored, offsets committed"),
+            maintenance_runs: r.counter("analytics_maintenance_runs_total", "Partition maintenance runs by result (ok, skipped: another replica held the lock, error)"),
+            partitions_created: r.counter("analytics_partitions_created_total", "Event partitions created ahead of time"),
+            partitions_dropped: r.counter("analytics_partitions_dropped_total", "Event partitions dropped by retention"),
             event_types: LabelCap::new(KNOWN_EVENT_TYPES, MAX_EXTRA_LABEL_VALUES),
             services: LabelCap::new(KNOWN_SERVICES, MAX_EXTRA_LABEL_VALUES),
+            series: Vec::new(),
             registry,
             provider: provider.clone(),
         };
         if role == Role::Api {
-            register_api_gauges(&meter, status);
+            // The api process builds the consumer's instruments but never records them, so
+            // they are not exported: its catalogue is its gauges.
+            let consumer_instruments = r.series.len();
+            register_api_gauges(&mut r, status);
+            metrics.series = r.series.split_off(consumer_instruments);
             return Ok(Arc::new(metrics));
         }
-        register_gauges(&meter, status);
+        register_gauges(&mut r, status);
+        metrics.series = r.series;
         // Pre-register error series at zero so rate() works before the first error.
         for reason in RejectReason::ALL {
             metrics.errors.add(0, &[KeyValue::new("reason", reason.as_str())]);
@@ -232,6 +259,11 @@ impl Metrics {
             metrics.consume_errors.add(0, &[KeyValue::new("reason", *reason)]);
         }
         Ok(Arc::new(metrics))
+    }
+
+    /// Every metric this process registered, in registration order.
+    pub fn series(&self) -> &[Series] {
+        &self.series
     }
 
     /// The Prometheus text exposition of every metric.
@@ -334,35 +366,29 @@ impl Metrics {
 }
 
 /// The query-API process's gauges: its database and its build.
-fn register_api_gauges(meter: &Meter, status: Arc<Status>) {
-    database_up_gauge(meter, status);
-    build_info_gauge(meter);
+fn register_api_gauges(r: &mut Instruments, status: Arc<Status>) {
+    database_up_gauge(r, status);
+    build_info_gauge(r);
 }
 
-fn database_up_gauge(meter: &Meter, status: Arc<Status>) {
-    meter
-        .i64_observable_gauge("analytics_database_up")
-        .with_description("1 when PostgreSQL answered the last ping")
-        .with_callback(move |obs| obs.observe(status.database().up as i64, &[]))
-        .build();
+fn database_up_gauge(r: &mut Instruments, status: Arc<Status>) {
+    r.gauge("analytics_database_up", "1 when PostgreSQL answered the last ping", move |obs| {
+        obs.observe(status.database().up as i64, &[])
+    });
 }
 
-fn build_info_gauge(meter: &Meter) {
-    meter
-        .i64_observable_gauge("analytics_build_info")
-        .with_description("Always 1; labels carry the version")
-        .with_callback(|obs| obs.observe(1, &[KeyValue::new("version", env!("CARGO_PKG_VERSION"))]))
-        .build();
+fn build_info_gauge(r: &mut Instruments) {
+    r.gauge("analytics_build_info", "Always 1; labels carry the version", |obs| {
+        obs.observe(1, &[KeyValue::new("version", env!("CARGO_PKG_VERSION"))])
+    });
 }
 
-fn register_gauges(meter: &Meter, status: Arc<Status>) {
+fn register_gauges(r: &mut Instruments, status: Arc<Status>) {
     let s = status.clone();
-    meter
-        .i64_observable_gauge("analytics_consumer_lag")
-        .with_description(
-            "Messages behind per assigned partition: high watermark minus committed offset",
-        )
-        .with_callback(move |obs| {
+    r.gauge(
+        "analytics_consumer_lag",
+        "Messages behind per assigned partition: high watermark minus committed offset",
+        move |obs| {
             for ((topic, partition), lag) in s.lag() {
                 obs.observe(
                     lag,
@@ -372,54 +398,52 @@ fn register_gauges(meter: &Meter, status: Arc<Status>) {
                     ],
                 );
             }
-        })
-        .build();
+        },
+    );
     let s = status.clone();
-    meter
-        .i64_observable_gauge("analytics_consumer_instance_lag")
-        .with_description("Sum of analytics_consumer_lag over this instance's partitions")
-        .with_callback(move |obs| obs.observe(s.lag().values().sum(), &[]))
-        .build();
+    r.gauge(
+        "analytics_consumer_instance_lag",
+        "Sum of analytics_consumer_lag over this instance's partitions",
+        move |obs| obs.observe(s.lag().values().sum(), &[]),
+    );
     let s = status.clone();
-    meter
-        .i64_observable_gauge("analytics_assigned_partitions")
-        .with_description("Partitions assigned to this instance")
-        .with_callback(move |obs| obs.observe(s.assigned_partitions(), &[]))
-        .build();
+    r.gauge("analytics_assigned_partitions", "Partitions assigned to this instance", move |obs| {
+        obs.observe(s.assigned_partitions(), &[])
+    });
     let s = status.clone();
-    meter
-        .i64_observable_gauge("analytics_consumer_paused")
-        .with_description("1 while fetching is paused because writes fail")
-        .with_callback(move |obs| obs.observe(s.paused() as i64, &[]))
-        .build();
+    r.gauge(
+        "analytics_consumer_paused",
+        "1 while fetching is paused because writes fail",
+        move |obs| obs.observe(s.paused() as i64, &[]),
+    );
     let s = status.clone();
-    meter
-        .i64_observable_gauge("analytics_kafka_up")
-        .with_description("1 when a broker is reachable and the group is joined")
-        .with_callback(move |obs| obs.observe(s.kafka().up as i64, &[]))
-        .build();
-    database_up_gauge(meter, status.clone());
+    r.gauge(
+        "analytics_kafka_up",
+        "1 when a broker is reachable and the group is joined",
+        move |obs| obs.observe(s.kafka().up as i64, &[]),
+    );
+    database_up_gauge(r, status.clone());
     let s = status.clone();
-    meter
-        .i64_observable_gauge("analytics_dead_letter_up")
-        .with_description("0 while dead letters cannot be delivered to the dead-letter topic")
-        .with_callback(move |obs| obs.observe(s.dead_letter().up as i64, &[]))
-        .build();
+    r.gauge(
+        "analytics_dead_letter_up",
+        "0 while dead letters cannot be delivered to the dead-letter topic",
+        move |obs| obs.observe(s.dead_letter().up as i64, &[]),
+    );
     let s = status.clone();
-    meter
-        .i64_observable_gauge("analytics_forwarding_up")
-        .with_description("0 while routing copies cannot be delivered to their topics")
-        .with_callback(move |obs| obs.observe(s.forwarding().up as i64, &[]))
-        .build();
+    r.gauge(
+        "analytics_forwarding_up",
+        "0 while routing copies cannot be delivered to their topics",
+        move |obs| obs.observe(s.forwarding().up as i64, &[]),
+    );
     let s = status;
-    meter
-        .i64_observable_gauge("analytics_consumer_group_unsteady_seconds")
-        .with_description("Seconds a broker has answered while this member was not in a steady group (0 when steady); /livez fails at GROUP_UNSTEADY_LIVENESS_SECS")
-        .with_callback(move |obs| {
+    r.gauge(
+        "analytics_consumer_group_unsteady_seconds",
+        "Seconds a broker has answered while this member was not in a steady group (0 when steady); /livez fails at GROUP_UNSTEADY_LIVENESS_SECS",
+        move |obs| {
             obs.observe(s.unsteady_for().map_or(0, |d| d.as_secs()) as i64, &[])
-        })
-        .build();
-    build_info_gauge(meter);
+        },
+    );
+    build_info_gauge(r);
 }
 
 #[cfg(test)]
@@ -435,6 +459,31 @@ mod tests {
         assert_eq!(cap.label("c"), "other");
         assert_eq!(cap.label("a"), "a");
         assert_eq!(cap.label("user.login"), "user.login");
+    }
+
+    #[test]
+    fn the_catalogue_is_what_the_exposition_carries() {
+        let status = Arc::new(Status::default());
+        status.set_lag([(("user-events".to_string(), 0), 1)].into_iter().collect());
+        let m = Metrics::new(status).unwrap();
+        m.record_processed(&[(("user.login".into(), "auth-service".into()), 1)].into());
+        m.record_batch(1, 1, 0, 0.01);
+        m.record_db_write(0.01);
+        m.record_rebalance("assign");
+        m.register_rule("r");
+        let text = m.render();
+        let rendered: HashSet<(&str, &str)> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_once(' '))
+            .collect();
+        let catalogue: HashSet<(&str, &str)> =
+            m.series().iter().map(|s| (s.name, s.kind.as_str())).collect();
+        assert_eq!(catalogue.len(), m.series().len(), "a series registered twice");
+        assert_eq!(rendered, catalogue, "every exported series, and only those, is catalogued");
+        let api = Metrics::for_role(Arc::new(Status::default()), Role::Api).unwrap();
+        let names: Vec<_> = api.series().iter().map(|s| s.name).collect();
+        assert_eq!(names, ["analytics_database_up", "analytics_build_info"]);
     }
 
     #[test]
