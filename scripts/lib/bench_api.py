@@ -183,10 +183,125 @@ class Hammer:
         }
 
 
+def _tasks(pid: int) -> list[int]:
+    try:
+        return [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        return []
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as fh:
+                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    out, todo = set(), [root]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            if c not in out:
+                out.add(c)
+                todo.append(c)
+    return out
+
+
+def _postgres_pids() -> set[int]:
+    out = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm") as fh:
+                    if fh.read().strip() == "postgres":
+                        out.add(int(entry))
+            except OSError:
+                pass
+    return out
+
+
+class CpuSplit:
+    """--isolate: the API on hosts of its own, emulated on one machine by CPU affinity, applied
+    to every thread every 0.5 s. The API side (the API process, its database backends when it
+    has a pool of its own — a read replica's work — and this process, whose threads are the
+    API clients) runs on `api_cpus`; everything else the benchmark started (consumer, broker,
+    producer) and every other PostgreSQL process runs on `ingest_cpus`. Not emulated: a
+    replica's WAL replay and the primary's WAL sender, and PostgreSQL's shared buffers and
+    locks stay shared (which only makes the figure conservative)."""
+
+    APP_NAME = "nexus-analytics-api"
+
+    def __init__(self, admin_url: str, ingest_cpus: set[int], api_cpus: set[int]):
+        import psycopg
+
+        self.ingest, self.api = ingest_cpus, api_cpus
+        self.all = ingest_cpus | api_cpus
+        self.conn = psycopg.connect(admin_url, autocommit=True, connect_timeout=10)
+        self.api_pids: set[int] = set()
+        self.api_backends = False
+        self.touched: set[int] = set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _pin(self, pid: int, cpus: set[int]) -> None:
+        for tid in _tasks(pid):
+            try:
+                os.sched_setaffinity(tid, cpus)
+                self.touched.add(tid)
+            except OSError:
+                pass
+
+    def tick(self) -> None:
+        me = os.getpid()
+        api = set(self.api_pids)
+        if self.api_backends:
+            api |= {r[0] for r in self.conn.execute(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (self.APP_NAME,))}
+        for pid in (_descendants(me) | _postgres_pids()) - {me}:
+            self._pin(pid, self.api if pid in api else self.ingest)
+        self._pin(me, self.api)
+
+    def start(self, api_pids: set[int], api_backends: bool) -> None:
+        self.api_pids, self.api_backends = api_pids, api_backends
+        self._stop.clear()
+        self.tick()
+
+        def run():
+            while not self._stop.wait(0.5):
+                try:
+                    self.tick()
+                except Exception as e:  # noqa: BLE001 - a vanished pid must not end the split
+                    b.log(f"isolate: {e}")
+
+        self._thread = threading.Thread(target=run, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+        for tid in self.touched:
+            try:
+                os.sched_setaffinity(tid, self.all)
+            except OSError:
+                pass
+        self.touched.clear()
+
+
 class ApiBench(b.Bench):
     def __init__(self, args):
         super().__init__(args)
         self.has_api_cmd = self._has_api_command()
+        self.split = None
+        if args.isolate:
+            cpus = sorted(os.sched_getaffinity(0))
+            if len(cpus) < 2:
+                b.die("--isolate needs at least 2 CPUs")
+            half = len(cpus) // 2
+            self.split = CpuSplit(args.admin_url, set(cpus[:half]), set(cpus[half:]))
 
     def _has_api_command(self) -> bool:
         import subprocess
@@ -350,6 +465,9 @@ class ApiBench(b.Bench):
             samplers["api"] = b.RssSampler(api_child.pid)
         if self.broker is not None:
             samplers.setdefault(self.broker_kind, b.RssSampler(self.broker.pid))
+        if self.split:
+            api_pids = {api_child.pid} if api_child else set()
+            self.split.start(api_pids, api_backends=mode == "own")
         hammer = None
         if api_port:
             large_to = "2026-01-01T00:10:00Z"  # pages over the band of large rows
@@ -370,6 +488,8 @@ class ApiBench(b.Bench):
         if api_child:
             roles[api_child.pid] = "api"
         cpu = cpu_tracker.stop().breakdown(roles, postmaster=None)
+        if self.split:
+            self.split.stop()
         for name, s in samplers.items():
             s.stop(self.logdir / f"rss-load-{mode}-{name}.csv")
         producer.stop()
@@ -398,6 +518,11 @@ class ApiBench(b.Bench):
             runs[m] = self.load_run(m)
         base = runs["none"]["ingest_eps"]
         self.res.values["ingest_eps"] = base
+        if self.split:
+            self.res.add("load", "isolation (--isolate)",
+                         f"ingest CPUs {sorted(self.split.ingest)} | API CPUs {sorted(self.split.api)}",
+                         "consumer, broker, producer, PostgreSQL | API process, its backends (own "
+                         "mode: a read replica's work), the API clients")
         labels = {"none": "no API load", "inside": "API in the consumer process",
                   "own": "API in its own process"}
         for m, r in runs.items():
@@ -492,6 +617,9 @@ def main() -> int:
         "BENCH_DATABASE_URL", os.environ.get("TEST_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/postgres")))
     p.add_argument("--large-db", help="database already holding the large rows (skip the insert)")
     p.add_argument("--keep", action="store_true", help="keep the databases")
+    p.add_argument("--isolate", action="store_true",
+                   help="emulate the API on hosts of its own: CPU affinity splits the machine "
+                        "(API process, its database backends and the clients | everything else)")
     p.add_argument("--log-dir")
     args = p.parse_args()
     args.phases = args.phases or ["large-rows", "load"]

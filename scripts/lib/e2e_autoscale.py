@@ -30,6 +30,7 @@ import argparse
 import base64
 import gzip
 import json
+import re
 import os
 import signal
 import subprocess
@@ -330,6 +331,14 @@ class Scenario:
                 (d / k).write_text(v)
                 nrules += 1
         cfg = cfg.replace("/etc/prometheus/rules/", f"{rules_dir}/")
+        # What prometheus-config-reloader does in the Pod (--config-envsubst-file): expand
+        # $(VAR) from the container's env. Left literal, $(SHARD) fails the sharding `keep`
+        # relabel and every target is dropped.
+        for var, value in {"SHARD": "0", "POD_NAME": "prometheus-nexus-0"}.items():
+            cfg = cfg.replace(f"$({var})", value)
+        if "$(" in cfg:
+            raise Failed(f"unexpanded $(VAR) left in the operator's config: "
+                         f"{sorted(set(re.findall(r'[$][(]([A-Z_]+)[)]', cfg)))}")
         (self.run_dir / "prometheus.yaml").write_text(cfg)
         log(f"operator config: {len(cfg)} bytes, {nrules} rule file(s) -> {self.run_dir.relative_to(ROOT)}")
         self.spawn("prometheus", [
