@@ -21,23 +21,24 @@
 # profile.release debug = "line-tables-only"), libz 120 kB. The builder stages
 # (~2.5 GB with target/) never reach the runtime image.
 #
-# Base images: a tag, plus a digest when *_DIGEST is set (then the digest alone
-# decides what is pulled and the tag only documents it). Release builds pin both:
+# Base images: each is one ARG holding a full reference. Release builds pin it by
+# digest, `tag@sha256:...` (then the digest alone decides what is pulled and the tag
+# only documents it). One plain ${X_IMAGE} per FROM, because skaffold parses FROM
+# lines itself (ONBUILD check, `skaffold dev`) and leaves a ${X:+...} literal:
 #
 #   docker buildx imagetools inspect rust:1.95-slim-bookworm --format '{{json .Manifest.Digest}}'
 #   docker buildx imagetools inspect gcr.io/distroless/cc-debian12:nonroot --format '{{json .Manifest.Digest}}'
-#   docker build --build-arg RUST_DIGEST=sha256:... --build-arg RUNTIME_DIGEST=sha256:... \
+#   docker build --build-arg RUST_IMAGE=docker.io/library/rust:1.95-slim-bookworm@sha256:... \
+#     --build-arg RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot@sha256:... \
 #     --build-arg REVISION="$(git rev-parse HEAD)" -t nexus-analytics:0.1.0 .
 #
 # To bump: resolve the new tag's digest as above (the multi-arch index digest),
 # change the tag and the digest together, rebuild, rerun scripts/validate-k8s
 # (docs/kubernetes.md, "Image").
 ARG RUST_IMAGE=docker.io/library/rust:1.95-slim-bookworm
-ARG RUST_DIGEST=
 ARG RUNTIME_IMAGE=gcr.io/distroless/cc-debian12:nonroot
-ARG RUNTIME_DIGEST=
 
-FROM ${RUST_IMAGE}${RUST_DIGEST:+@${RUST_DIGEST}} AS chef
+FROM ${RUST_IMAGE} AS chef
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # Unpinned apt versions on purpose, see .hadolint.yaml (DL3008).
 RUN apt-get update \
@@ -73,9 +74,8 @@ RUN unexpected="$(ldd /out/usr/local/bin/nexus-analytics \
       || true)" \
  && if [ -n "${unexpected}" ]; then echo "unexpected shared libraries: ${unexpected}" >&2; exit 1; fi
 
-FROM ${RUNTIME_IMAGE}${RUNTIME_DIGEST:+@${RUNTIME_DIGEST}} AS runtime
+FROM ${RUNTIME_IMAGE} AS runtime
 ARG RUNTIME_IMAGE
-ARG RUNTIME_DIGEST
 # OCI annotations (https://github.com/opencontainers/image-spec/blob/main/annotations.md).
 # version defaults to Cargo.toml's; CI passes REVISION (git commit) and CREATED (RFC 3339).
 ARG VERSION=0.1.0
@@ -90,8 +90,7 @@ LABEL org.opencontainers.image.title="nexus-analytics" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${REVISION}" \
       org.opencontainers.image.created="${CREATED}" \
-      org.opencontainers.image.base.name="${RUNTIME_IMAGE}" \
-      org.opencontainers.image.base.digest="${RUNTIME_DIGEST}"
+      org.opencontainers.image.base.name="${RUNTIME_IMAGE}"
 COPY --from=builder /out/ /
 USER 65532:65532
 EXPOSE 9090

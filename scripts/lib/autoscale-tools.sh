@@ -10,7 +10,7 @@
 
 PROM_OPERATOR_VERSION="v0.93.0" # the CRD schemas in ../shared/schemas are v0.93.0
 PROM_ADAPTER_VERSION="v0.12.0"
-SKAFFOLD_VERSION="v2.16.1"
+SKAFFOLD_VERSION="v2.24.0" # skaffold.yaml is v4beta14 (../shared/schemas is v2.24.0): v2.16.1 refuses it
 KEDA_VERSION="v2.20.2" # the ScaledObject schema in ../shared/schemas is v2.20.2
 # Debian's prometheus 2.42 is built without kubernetes_sd_configs ("field
 # kubernetes_sd_configs not found"), which every config the operator generates uses.
