@@ -295,16 +295,11 @@ fn trim_ascii(bytes: &[u8]) -> &[u8] {
     &bytes[start..end]
 }
 
-/// Compares in time that depends only on the lengths, never on where the bytes differ.
+/// Compares in time that depends only on the lengths, never on where the bytes differ
+/// (`subtle`: the comparison the RustCrypto crates use, not a hand-written loop).
 fn constant_time_eq(presented: &[u8], expected: &[u8]) -> bool {
-    let mut diff = (presented.len() ^ expected.len()) as u64;
-    if expected.is_empty() {
-        return diff == 0;
-    }
-    for (i, b) in presented.iter().enumerate() {
-        diff |= u64::from(b ^ expected[i % expected.len()]);
-    }
-    std::hint::black_box(diff) == 0
+    use subtle::ConstantTimeEq;
+    presented.ct_eq(expected).into()
 }
 
 // --------------------------------------------------------------------------------- database
