@@ -181,11 +181,6 @@ impl EventStore {
         MIGRATOR.run(&self.pool).await.map_err(|e| StorageError::Migration(e.to_string()))
     }
 
-    /// A round trip within `timeout`, for readiness.
-    pub async fn ping(&self, timeout: Duration) -> Result<(), StorageError> {
-        ping(&self.pool, timeout).await
-    }
-
     /// Writes a batch idempotently, isolating rows PostgreSQL refuses.
     ///
     /// Returns `Err` only when the database itself is unavailable; then nothing can be said
