@@ -30,6 +30,31 @@ const WATERMARK_TIMEOUT: Duration = Duration::from_millis(500);
 /// most this often, with the number of repeats.
 const CONSUME_ERROR_LOG_EVERY: Duration = Duration::from_secs(10);
 
+/// Rate-limits a repeating log line: counts occurrences and says when the next line is due.
+#[derive(Debug)]
+struct LogEvery {
+    every: Duration,
+    unlogged: u64,
+    logged_at: Option<Instant>,
+}
+
+impl LogEvery {
+    fn new(every: Duration) -> Self {
+        Self { every, unlogged: 0, logged_at: None }
+    }
+
+    /// Counts one occurrence at `now`; `Some(repeats)` when a line is due (the first one, then
+    /// at most one per `every`), and the count starts again.
+    fn hit(&mut self, now: Instant) -> Option<u64> {
+        self.unlogged += 1;
+        if self.logged_at.is_some_and(|t| now.saturating_duration_since(t) < self.every) {
+            return None;
+        }
+        self.logged_at = Some(now);
+        Some(std::mem::take(&mut self.unlogged))
+    }
+}
+
 /// The `reason` label of `analytics_consume_errors_total`: the librdkafka error code in
 /// snake_case (`not_implemented`, `bad_compression`, `unknown_topic_or_partition`, ...), a
 /// bounded set. Pure.
@@ -168,9 +193,8 @@ pub fn consume(consumer: &PipelineConsumer, shutdown: &CancellationToken, drain_
     // While paused: when the high watermarks were last listed.
     let mut watermarks_at: Option<Instant> = None;
     let lag_refresh = consumer.context().lag_refresh;
-    // Consume errors since the last log line about them, and when that was.
-    let mut consume_errors_unlogged = 0u64;
-    let mut consume_error_logged_at: Option<Instant> = None;
+    // Errors the client returned instead of records, logged at most every 10 s.
+    let mut consume_error_log = LogEvery::new(CONSUME_ERROR_LOG_EVERY);
     while !shutdown.is_cancelled() {
         status.beat();
         if retry_at.is_some() && watermarks_at.is_none_or(|t| t.elapsed() >= lag_refresh) {
@@ -189,20 +213,17 @@ pub fn consume(consumer: &PipelineConsumer, shutdown: &CancellationToken, drain_
                 debug!(error = %e, "broker connectivity error while fetching; librdkafka retries");
             }
             Some(Err(e)) if is_all_brokers_down(&e) => {
-                // No broker at all: Kafka is down (readiness says so through the client's
-                // error callback), not the partition; librdkafka reconnects by itself.
+                // No broker at all: Kafka is down, not the partition; librdkafka reconnects
+                // by itself.
                 pipeline.metrics().record_error("kafka_error");
                 status.set_kafka(false, "all brokers down");
-                consume_errors_unlogged += 1;
-                if consume_error_logged_at.is_none_or(|t| t.elapsed() >= CONSUME_ERROR_LOG_EVERY) {
+                if let Some(repeats) = consume_error_log.hit(Instant::now()) {
                     warn!(
                         error = %e,
-                        repeats = consume_errors_unlogged,
+                        repeats,
                         "no broker reachable; the client reconnects by itself and fetching \
                          resumes where it stopped"
                     );
-                    consume_errors_unlogged = 0;
-                    consume_error_logged_at = Some(Instant::now());
                 }
             }
             Some(Err(e)) => {
@@ -214,17 +235,14 @@ pub fn consume(consumer: &PipelineConsumer, shutdown: &CancellationToken, drain_
                 let reason = consume_error_reason(&e);
                 pipeline.metrics().record_consume_error(&reason);
                 status.record_consume_error(e.to_string());
-                consume_errors_unlogged += 1;
-                if consume_error_logged_at.is_none_or(|t| t.elapsed() >= CONSUME_ERROR_LOG_EVERY) {
+                if let Some(repeats) = consume_error_log.hit(Instant::now()) {
                     error!(
                         error = %e,
                         reason,
-                        repeats = consume_errors_unlogged,
+                        repeats,
                         "consume error: the client returned an error instead of a record; the \
                          partition does not advance until its cause is fixed (see README, Metrics)"
                     );
-                    consume_errors_unlogged = 0;
-                    consume_error_logged_at = Some(Instant::now());
                 }
             }
             None => {}
@@ -311,6 +329,17 @@ mod tests {
         for code in [C::AllBrokersDown, C::NotImplemented, C::BadCompression] {
             assert!(!is_connectivity_error(&KafkaError::MessageConsumption(code)), "{code:?}");
         }
+    }
+
+    #[test]
+    fn a_repeating_line_is_logged_first_then_at_most_once_per_interval_with_its_repeats() {
+        let t0 = Instant::now();
+        let mut log = LogEvery::new(Duration::from_secs(10));
+        assert_eq!(log.hit(t0), Some(1));
+        assert_eq!(log.hit(t0 + Duration::from_secs(1)), None);
+        assert_eq!(log.hit(t0 + Duration::from_secs(9)), None);
+        assert_eq!(log.hit(t0 + Duration::from_secs(10)), Some(3));
+        assert_eq!(log.hit(t0 + Duration::from_secs(11)), None);
     }
 
     #[test]
