@@ -190,36 +190,17 @@ def _tasks(pid: int) -> list[int]:
         return []
 
 
-def _descendants(root: int) -> set[int]:
+def _descendants(root: int, procs: dict[int, tuple]) -> set[int]:
+    """Every process below `root` in `procs` (a `bench.cpu_snapshot()`: pid -> (comm, ppid, …))."""
     children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as fh:
-                ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
+    for pid, (_, ppid, *_rest) in procs.items():
+        children.setdefault(ppid, []).append(pid)
     out, todo = set(), [root]
     while todo:
         for c in children.get(todo.pop(), []):
             if c not in out:
                 out.add(c)
                 todo.append(c)
-    return out
-
-
-def _postgres_pids() -> set[int]:
-    out = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/comm") as fh:
-                    if fh.read().strip() == "postgres":
-                        out.add(int(entry))
-            except OSError:
-                pass
     return out
 
 
@@ -260,7 +241,9 @@ class CpuSplit:
         if self.api_backends:
             api |= {r[0] for r in self.conn.execute(
                 "SELECT pid FROM pg_stat_activity WHERE application_name = %s", (self.APP_NAME,))}
-        for pid in (_descendants(me) | _postgres_pids()) - {me}:
+        procs = b.cpu_snapshot()
+        postgres = {pid for pid, (comm, *_rest) in procs.items() if comm == "postgres"}
+        for pid in (_descendants(me, procs) | postgres) - {me}:
             self._pin(pid, self.api if pid in api else self.ingest)
         self._pin(me, self.api)
 
