@@ -15,7 +15,6 @@ use tracing::{error, info};
 
 use crate::api;
 use crate::config::Settings;
-use crate::ingest::batch_policy::BatchPolicy;
 use crate::ingest::consumer;
 use crate::ingest::dead_letter::DeadLetterSink;
 use crate::ingest::pipeline::{Pipeline, PipelineOptions};
@@ -34,26 +33,22 @@ const WAITING_RERUN: Duration = Duration::from_secs(5);
 
 /// Applies the migrations, creates the upcoming partitions, and returns.
 pub async fn migrate(settings: &Settings) -> anyhow::Result<()> {
-    let store = EventStore::connect_lazy(
-        settings.database_url()?,
-        1,
-        Duration::from_secs(settings.database_write_timeout_secs),
-    )?;
-    info!(database = %settings.database_url_redacted(), "applying migrations");
+    let store =
+        EventStore::connect_lazy(settings.database.url()?, 1, settings.database.write_timeout)?;
+    info!(database = %settings.database.url_redacted(), "applying migrations");
     store.migrate().await?;
     // Partitions only; retention is left to the running service.
-    let policy = partitions::Policy { retention_days: None, ..maintenance_policy(settings) };
+    let policy = partitions::Policy { retention_days: None, ..settings.maintenance.policy };
     let report = partitions::run_once(store.pool(), &policy, chrono::Utc::now()).await?;
     info!(created = ?report.created, "migrations applied");
     Ok(())
 }
 
-fn maintenance_policy(settings: &Settings) -> partitions::Policy {
-    partitions::Policy {
-        interval: settings.partition_interval,
-        ahead: settings.partitions_ahead,
-        retention_days: settings.retention_days,
-    }
+/// Listens on `port` on every interface; the error names the setting.
+async fn bind(setting: &str, port: u16) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(("0.0.0.0", port))
+        .await
+        .with_context(|| format!("cannot listen on {setting} {port}"))
 }
 
 /// Runs partition maintenance at start-up and then every `interval` (sooner after a failure).
@@ -145,22 +140,17 @@ impl App {
         let status = Arc::new(Status::default());
         let metrics = Metrics::new(status.clone()).context("cannot set up metrics")?;
         let store = EventStore::connect_lazy(
-            settings.database_url()?,
-            settings.database_pool_size,
-            Duration::from_secs(settings.database_write_timeout_secs),
+            settings.database.url()?,
+            settings.database.pool_size,
+            settings.database.write_timeout,
         )?;
         let dead_letters = DeadLetterSink::new(
-            client_config(&settings),
-            &settings.kafka_dlq_topic,
-            &settings.kafka_group_id,
+            client_config(&settings.kafka),
+            &settings.kafka.dlq_topic,
+            &settings.kafka.group_id,
         )
         .context("cannot create the dead-letter producer")?;
-        let policy = BatchPolicy {
-            max_events: settings.batch_max_events,
-            max_bytes: settings.batch_max_bytes,
-            linger: settings.batch_linger(),
-        };
-        let rules = settings.routing_rules()?;
+        let rules = settings.routing.clone();
         for rule in rules.names() {
             metrics.register_rule(rule);
         }
@@ -170,20 +160,18 @@ impl App {
             metrics.clone(),
             status.clone(),
             PipelineOptions {
-                policy,
-                max_event_bytes: settings.max_event_bytes,
+                policy: settings.batch.policy,
+                max_event_bytes: settings.batch.max_event_bytes,
                 rules,
-                max_in_flight: settings.batch_max_in_flight,
-                partitions: maintenance_policy(&settings),
+                max_in_flight: settings.batch.max_in_flight,
+                partitions: settings.maintenance.policy,
             },
             tokio::runtime::Handle::current(),
         ));
-        let consumer =
-            consumer::create_consumer(&settings, pipeline).context("cannot create the consumer")?;
-        let metrics_listener = TcpListener::bind(("0.0.0.0", settings.metrics_port))
-            .await
-            .with_context(|| format!("cannot listen on METRICS_PORT {}", settings.metrics_port))?;
-        let api = if settings.api_port != 0 { Some(query_api(&settings).await?) } else { None };
+        let consumer = consumer::create_consumer(&settings.kafka, &settings.observe, pipeline)
+            .context("cannot create the consumer")?;
+        let metrics_listener = bind("METRICS_PORT", settings.observe.metrics_port).await?;
+        let api = if settings.api.port != 0 { Some(query_api(&settings).await?) } else { None };
         Ok(Self { settings, status, metrics, store, consumer, metrics_listener, api })
     }
 
@@ -193,7 +181,7 @@ impl App {
     /// `SHUTDOWN_TIMEOUT_SECS`) and the background tasks end.
     pub async fn run_until_stopped(self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let Self { settings, status, metrics, store, consumer, metrics_listener, api } = self;
-        let drain = Duration::from_secs(settings.shutdown_timeout_secs);
+        let drain = settings.shutdown_timeout;
         let tasks = TaskTracker::new();
         // Stopped after the consumer has left, so probes and scrapes answer during the drain.
         let services = CancellationToken::new();
@@ -202,8 +190,8 @@ impl App {
         let router = endpoints::router(AppState {
             status: status.clone(),
             metrics: metrics.clone(),
-            liveness_stall: Duration::from_secs(settings.liveness_stall_secs),
-            group_unsteady_limit: Duration::from_secs(settings.group_unsteady_liveness_secs),
+            liveness_stall: settings.observe.liveness_stall,
+            group_unsteady_limit: settings.observe.group_unsteady_limit,
         });
         spawn_server(&tasks, "metrics", metrics_listener, router, services.clone());
         if let Some((listener, router)) = api {
@@ -212,8 +200,8 @@ impl App {
         tasks.spawn(watch_database(store.pool().clone(), status.clone(), services.clone()));
         tasks.spawn(maintain_partitions(
             store,
-            maintenance_policy(&settings),
-            settings.maintenance_interval()?,
+            settings.maintenance.policy,
+            settings.maintenance.interval,
             metrics.clone(),
             services.clone(),
         ));
@@ -233,12 +221,12 @@ impl App {
         };
         let mut consumer_done = tasks.spawn_blocking(move || consumer_thread.join());
         info!(
-            brokers = %settings.kafka_brokers,
-            topics = %settings.kafka_topics,
-            group = %settings.kafka_group_id,
-            database = %settings.database_url_redacted(),
-            metrics_port = settings.metrics_port,
-            api_port = settings.api_port,
+            brokers = %settings.kafka.brokers,
+            topics = %settings.kafka.topics.join(","),
+            group = %settings.kafka.group_id,
+            database = %settings.database.url_redacted(),
+            metrics_port = settings.observe.metrics_port,
+            api_port = settings.api.port,
             "nexus-analytics started"
         );
 
@@ -292,15 +280,13 @@ fn cancel_on_signal() -> CancellationToken {
 /// The query API's listener and router: a read pool with one connection per admitted request,
 /// the token and the limits from `settings`.
 async fn query_api(settings: &Settings) -> anyhow::Result<(TcpListener, axum::Router)> {
-    let url = settings.api_database_url()?;
-    let limits = settings.api_limits();
+    let url = settings.api.database_url()?;
+    let limits = settings.api.limits;
     let pool = api::read_pool(url, limits.max_concurrent_requests as u32).map_err(|_| {
         anyhow::anyhow!("invalid API_DATABASE_URL or DATABASE_URL for the query API")
     })?;
-    let listener = TcpListener::bind(("0.0.0.0", settings.api_port))
-        .await
-        .with_context(|| format!("cannot listen on API_PORT {}", settings.api_port))?;
-    let state = api::ApiState::new(pool.clone(), settings.api_token.clone()).with_limits(limits);
+    let listener = bind("API_PORT", settings.api.port).await?;
+    let state = api::ApiState::new(pool.clone(), settings.api.token.clone()).with_limits(limits);
     Ok((listener, api::router(state)))
 }
 
@@ -308,7 +294,7 @@ async fn query_api(settings: &Settings) -> anyhow::Result<(TcpListener, axum::Ro
 /// and on `METRICS_PORT` `/metrics`, `/livez` (the process serves), `/readyz` and `/health`
 /// (the database answers pings). Stops on SIGTERM/SIGINT after in-flight requests finish.
 pub async fn run_api(settings: Settings) -> anyhow::Result<()> {
-    if settings.api_port == 0 {
+    if settings.api.port == 0 {
         return Err(crate::cli::ConfigFailure(crate::config::ConfigError::Invalid {
             setting: "API_PORT".into(),
             reason: "must not be 0 for nexus-analytics api (nothing to serve)".into(),
@@ -320,11 +306,9 @@ pub async fn run_api(settings: Settings) -> anyhow::Result<()> {
     let metrics = Metrics::for_role(status.clone(), crate::observe::metrics::Role::Api)
         .context("cannot set up metrics")?;
     let (api_listener, app) = query_api(&settings).await?;
-    let ping_pool = api::read_pool(settings.api_database_url()?, 1)
+    let ping_pool = api::read_pool(settings.api.database_url()?, 1)
         .map_err(|_| anyhow::anyhow!("invalid API_DATABASE_URL or DATABASE_URL"))?;
-    let ops = TcpListener::bind(("0.0.0.0", settings.metrics_port))
-        .await
-        .with_context(|| format!("cannot listen on METRICS_PORT {}", settings.metrics_port))?;
+    let ops = bind("METRICS_PORT", settings.observe.metrics_port).await?;
     let shutdown = cancel_on_signal();
     let tasks = TaskTracker::new();
     let ops_app = api::probes::router(status.clone(), metrics.clone());
@@ -333,16 +317,16 @@ pub async fn run_api(settings: Settings) -> anyhow::Result<()> {
     tasks.spawn(watch_database(ping_pool, status.clone(), shutdown.clone()));
     tasks.close();
     info!(
-        database = %crate::config::redact_url(settings.api_database_url()?),
-        metrics_port = settings.metrics_port,
-        api_port = settings.api_port,
-        max_page_bytes = settings.api_max_page_bytes,
-        max_concurrent_requests = settings.api_max_concurrent_requests,
+        database = %crate::config::redact_url(settings.api.database_url()?),
+        metrics_port = settings.observe.metrics_port,
+        api_port = settings.api.port,
+        max_page_bytes = settings.api.limits.max_page_bytes,
+        max_concurrent_requests = settings.api.limits.max_concurrent_requests,
         "nexus-analytics api started"
     );
     shutdown.cancelled().await;
     info!("shutdown requested: finishing the requests in hand");
-    let drain = Duration::from_secs(settings.shutdown_timeout_secs);
+    let drain = settings.shutdown_timeout;
     let joined = tokio::time::timeout(drain, async {
         let servers = tokio::join!(api_server, ops_server);
         tasks.wait().await;

@@ -59,7 +59,7 @@ use sqlx::PgPool;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::config::Secret;
+use secrecy::{ExposeSecret, SecretString};
 
 pub use counts::{Bucket, GroupBy, MAX_SERIES_POINTS};
 use errors::ApiError;
@@ -105,7 +105,7 @@ impl Default for ApiLimits {
 /// What the API handlers share: the read pool, the optional bearer token, the limits and the
 /// request permits.
 ///
-/// Built from `(pool, token)`: `ApiState::new(pool, settings.api_token.clone())` or
+/// Built from `(pool, token)`: `ApiState::new(pool, settings.api.token.clone())` or
 /// `ApiState::from((pool, token))`, then [`ApiState::with_limits`].
 #[derive(Clone)]
 pub struct ApiState {
@@ -114,7 +114,7 @@ pub struct ApiState {
 
 struct Inner {
     pool: PgPool,
-    token: Option<Secret>,
+    token: Option<SecretString>,
     limits: ApiLimits,
     permits: Arc<Semaphore>,
     openapi_json: String,
@@ -123,13 +123,18 @@ struct Inner {
 impl ApiState {
     /// The state for a pool (ideally a read-only role's, see [`read_pool`]) and the token every
     /// request must carry (`None`: no authentication), with the default [`ApiLimits`].
-    pub fn new(pool: PgPool, token: Option<Secret>) -> Self {
+    pub fn new(pool: PgPool, token: Option<SecretString>) -> Self {
         let openapi_json =
             openapi().to_json().expect("the generated OpenAPI document serialises to JSON");
         Self::build(pool, token, ApiLimits::default(), openapi_json)
     }
 
-    fn build(pool: PgPool, token: Option<Secret>, limits: ApiLimits, openapi_json: String) -> Self {
+    fn build(
+        pool: PgPool,
+        token: Option<SecretString>,
+        limits: ApiLimits,
+        openapi_json: String,
+    ) -> Self {
         let limits = ApiLimits {
             statement_timeout: limits.statement_timeout.max(Duration::from_millis(1)),
             max_page_bytes: limits.max_page_bytes.max(1),
@@ -167,8 +172,8 @@ impl ApiState {
     }
 }
 
-impl From<(PgPool, Option<Secret>)> for ApiState {
-    fn from((pool, token): (PgPool, Option<Secret>)) -> Self {
+impl From<(PgPool, Option<SecretString>)> for ApiState {
+    fn from((pool, token): (PgPool, Option<SecretString>)) -> Self {
         Self::new(pool, token)
     }
 }
@@ -278,7 +283,7 @@ async fn authorize(State(state): State<ApiState>, request: Request, next: Next) 
     next.run(request).await
 }
 
-fn bearer_matches(headers: &HeaderMap, token: &Secret) -> bool {
+fn bearer_matches(headers: &HeaderMap, token: &SecretString) -> bool {
     let Some(value) = headers.get(header::AUTHORIZATION) else { return false };
     let value = value.as_bytes();
     let (scheme, presented) = match value.iter().position(|b| *b == b' ') {
@@ -286,7 +291,7 @@ fn bearer_matches(headers: &HeaderMap, token: &Secret) -> bool {
         None => return false,
     };
     scheme.eq_ignore_ascii_case(b"bearer")
-        && constant_time_eq(trim_ascii(presented), token.expose().as_bytes())
+        && constant_time_eq(trim_ascii(presented), token.expose_secret().as_bytes())
 }
 
 fn trim_ascii(bytes: &[u8]) -> &[u8] {
@@ -345,7 +350,7 @@ mod tests {
         assert!(!constant_time_eq(b"secret1", b"secret"));
         assert!(!constant_time_eq(b"", b"secret"));
         let mut headers = HeaderMap::new();
-        let token = Secret::new("s3cr3t");
+        let token = SecretString::from("s3cr3t");
         assert!(!bearer_matches(&headers, &token));
         headers.insert(header::AUTHORIZATION, HeaderValue::from_static("bearer s3cr3t"));
         assert!(bearer_matches(&headers, &token));

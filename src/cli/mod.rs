@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use secrecy::ExposeSecret;
 
 use crate::app;
 use crate::config::{self, Settings};
@@ -125,9 +126,9 @@ pub enum Command {
 }
 
 /// Holder identity of the operator's Lease: the pod name, else the host name and process id.
-fn lease_identity() -> String {
-    if let Some(pod) = std::env::var("POD_NAME").ok().filter(|s| !s.is_empty()) {
-        return pod;
+fn lease_identity(pod_name: Option<&str>) -> String {
+    if let Some(pod) = pod_name {
+        return pod.to_owned();
     }
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_owned())
@@ -145,7 +146,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
     let command = cli.command.unwrap_or(Command::Run);
     match command {
         Command::EnvVars => {
-            for name in config::ENV_VARS {
+            for name in config::env_vars() {
                 println!("{name}");
             }
             println!("{}*", config::KAFKA_PROPERTY_PREFIX);
@@ -173,12 +174,12 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
     }
     let settings = Settings::load().map_err(ConfigFailure)?;
     if matches!(command, Command::Run | Command::Migrate) {
-        settings.database_url().map_err(ConfigFailure)?;
+        settings.database.url().map_err(ConfigFailure)?;
     }
     if matches!(command, Command::Api) {
-        settings.api_database_url().map_err(ConfigFailure)?;
+        settings.api.database_url().map_err(ConfigFailure)?;
     }
-    let _tracing = crate::observe::tracing::init_tracing(&settings);
+    let _tracing = crate::observe::tracing::init_tracing(&settings.observe);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("nexus-analytics-rt")
@@ -189,9 +190,8 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
         Command::Api => runtime.block_on(app::run_api(settings)),
         Command::Migrate => runtime.block_on(app::migrate(&settings)),
         Command::Produce { count, rate, topic, invalid_percent, users, seed } => {
-            let topic = topic.unwrap_or_else(|| {
-                settings.topics().first().map(|t| t.to_string()).unwrap_or_default()
-            });
+            let topic =
+                topic.unwrap_or_else(|| settings.kafka.topics.first().cloned().unwrap_or_default());
             let options = ProduceOptions { count, rate, topic, invalid_percent, users, seed };
             let stop = Arc::new(AtomicBool::new(false));
             let signal_stop = stop.clone();
@@ -199,7 +199,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 let _ = tokio::signal::ctrl_c().await;
                 signal_stop.store(true, Ordering::Relaxed);
             });
-            let report = produce::produce(client_config(&settings), &options, &stop)?;
+            let report = produce::produce(client_config(&settings.kafka), &options, &stop)?;
             let rate = report.delivered as f64 / report.elapsed.as_secs_f64().max(1e-9);
             println!(
                 "produced {} events to {} in {:.2}s ({rate:.0}/s), {} failed",
@@ -229,7 +229,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 Some(operator::LeaderElection {
                     lease_name,
                     namespace,
-                    identity: lease_identity(),
+                    identity: lease_identity(settings.pod_name.as_deref()),
                     lease_duration: std::time::Duration::from_secs(lease_duration_secs),
                 })
             } else {
@@ -240,6 +240,7 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                 namespace,
                 recheck_interval: std::time::Duration::from_secs(recheck_secs),
                 leader_election,
+                instance: settings.pod_name.clone(),
             };
             runtime.block_on(operator::run(options))
         }
@@ -249,19 +250,16 @@ pub fn execute(cli: Cli) -> anyhow::Result<()> {
                     .map_err(|e| anyhow::anyhow!("invalid --to-time: {e}"))?,
                 (None, _) => admin::ResetTarget::Earliest,
             };
-            let group = group.unwrap_or_else(|| settings.kafka_group_id.clone());
-            let topics = if topics.is_empty() {
-                settings.topics().iter().map(|t| t.to_string()).collect()
-            } else {
-                topics
-            };
+            let group = group.unwrap_or_else(|| settings.kafka.group_id.clone());
+            let topics = if topics.is_empty() { settings.kafka.topics.clone() } else { topics };
             let properties = settings
-                .kafka_properties
+                .kafka
+                .properties
                 .iter()
-                .map(|(k, v)| (k.clone(), v.expose().to_string()))
+                .map(|(k, v)| (k.clone(), v.expose_secret().to_owned()))
                 .collect();
             let changes = admin::reset_offsets(
-                &settings.kafka_brokers,
+                &settings.kafka.brokers,
                 &properties,
                 &group,
                 &topics,

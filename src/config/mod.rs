@@ -1,83 +1,30 @@
-//! Service configuration: one struct, loaded once with figment
-//! (defaults < `CONFIG_FILE` TOML < `.env` < environment), validated before anything starts.
+//! Service configuration, loaded once with figment (defaults < `CONFIG_FILE` TOML < `.env` <
+//! environment), validated and parsed into the types the code uses before anything starts.
 //!
-//! Environment variable names are the original Go service's (`KAFKA_BROKERS`, `DATABASE_URL`,
-//! `METRICS_PORT`) plus the ones listed in [`ENV_VARS`]. Any librdkafka property can be passed as
-//! `KAFKA_PROPERTY_<NAME>` (dots become underscores), so TLS and SASL need no code changes.
+//! Operators write flat environment variables ([`env`]: the original Go service's
+//! `KAFKA_BROKERS`, `DATABASE_URL`, `METRICS_PORT` and the others `nexus-analytics env-vars`
+//! lists); the code reads [`Settings`], grouped by concern: [`KafkaSettings`],
+//! [`DatabaseSettings`], [`BatchSettings`], [`ApiSettings`], [`MaintenanceSettings`],
+//! [`ObserveSettings`]. Durations, topic lists and routing rules are parsed here, once. Any
+//! librdkafka property can be passed as `KAFKA_PROPERTY_<NAME>` (dots become underscores), so
+//! TLS and SASL need no code changes. Nothing else in the crate reads the environment.
+
+mod env;
 
 use std::collections::BTreeMap;
-use std::fmt;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use figment::Figment;
-use figment::providers::{Env, Format, Serialized, Toml};
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 
-/// Prefix of environment variables passed through to librdkafka.
-pub const KAFKA_PROPERTY_PREFIX: &str = "KAFKA_PROPERTY_";
+use crate::api::ApiLimits;
+use crate::ingest::batch_policy::BatchPolicy;
+use crate::ingest::routing::Rules;
+use crate::storage::partitions;
 
-/// Every environment variable the service reads (besides `KAFKA_PROPERTY_*`), so the chart and
-/// the code cannot drift apart unnoticed (`nexus-analytics env-vars` prints this list).
-pub const ENV_VARS: &[&str] = &[
-    "CONFIG_FILE",
-    "DATABASE_URL",
-    "DATABASE_POOL_SIZE",
-    "DATABASE_WRITE_TIMEOUT_SECS",
-    "KAFKA_BROKERS",
-    "KAFKA_TOPICS",
-    "KAFKA_GROUP_ID",
-    "KAFKA_DLQ_TOPIC",
-    "KAFKA_SESSION_TIMEOUT_MS",
-    "METRICS_PORT",
-    "BATCH_MAX_EVENTS",
-    "BATCH_MAX_BYTES",
-    "BATCH_LINGER_MS",
-    "BATCH_MAX_IN_FLIGHT",
-    "MAX_EVENT_BYTES",
-    "FETCH_BUFFER_KBYTES",
-    "SHUTDOWN_TIMEOUT_SECS",
-    "LIVENESS_STALL_SECS",
-    "GROUP_UNSTEADY_LIVENESS_SECS",
-    "LAG_REFRESH_SECS",
-    "LOG_FORMAT",
-    "LOG_LEVEL",
-    "RUST_LOG",
-    "OTEL_EXPORTER_OTLP_ENDPOINT",
-    "OTEL_SERVICE_NAME",
-    "API_PORT",
-    "API_TOKEN",
-    "API_DATABASE_URL",
-    "API_MAX_PAGE_BYTES",
-    "API_MAX_CONCURRENT_REQUESTS",
-    "API_STATEMENT_TIMEOUT_MS",
-    "PARTITION_INTERVAL",
-    "PARTITIONS_AHEAD",
-    "RETENTION_DAYS",
-    "MAINTENANCE_INTERVAL",
-    "ROUTING_RULES",
-    // Read by `nexus-analytics operator` only (the pod name it reports events as).
-    "POD_NAME",
-];
-
-/// Variables holding free text (URLs, names, tokens, JSON): never parsed as numbers or lists.
-const TEXT_ENV_VARS: &[&str] = &[
-    "DATABASE_URL",
-    "KAFKA_BROKERS",
-    "KAFKA_TOPICS",
-    "KAFKA_GROUP_ID",
-    "KAFKA_DLQ_TOPIC",
-    "LOG_LEVEL",
-    "OTEL_EXPORTER_OTLP_ENDPOINT",
-    "API_TOKEN",
-    "API_DATABASE_URL",
-    "MAINTENANCE_INTERVAL",
-    "ROUTING_RULES",
-];
-
-/// Listed in [`ENV_VARS`] but read elsewhere: the file path, the log filter override, the
-/// OpenTelemetry SDK and the operator.
-const NOT_SETTINGS: &[&str] = &["CONFIG_FILE", "RUST_LOG", "OTEL_SERVICE_NAME", "POD_NAME"];
+use env::RawSettings;
+pub use env::{KAFKA_PROPERTY_PREFIX, env_vars};
 
 /// Bounds of `API_MAX_PAGE_BYTES`: a page smaller than one typical event is pointless, a
 /// larger one than 64 MiB defeats the point of a budget.
@@ -104,35 +51,6 @@ pub enum PartitionInterval {
     Month,
 }
 
-/// A value that must never be printed: `Debug` and `Display` show `***`.
-#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    /// Wraps a secret value.
-    pub fn new(value: impl Into<String>) -> Self {
-        Self(value.into())
-    }
-
-    /// The secret itself; call only where it is handed to a client library.
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
-
-impl fmt::Display for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("***")
-    }
-}
-
 /// A configuration problem, naming the setting as the operator spells it.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -152,122 +70,143 @@ pub enum ConfigError {
     Source(String),
 }
 
-/// The whole service configuration. Field names are the environment variable names in lower case.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Settings {
-    /// Bootstrap servers, comma-separated.
-    pub kafka_brokers: String,
-    /// Topics to consume, comma-separated.
-    pub kafka_topics: String,
-    /// Consumer group shared by all replicas.
-    pub kafka_group_id: String,
-    /// Where undecodable or rejected records go.
-    pub kafka_dlq_topic: String,
-    /// Group session timeout; a dead replica's partitions move after this long.
-    pub kafka_session_timeout_ms: u32,
-    /// librdkafka properties passed through verbatim (security, tuning).
-    #[serde(default)]
-    pub kafka_properties: BTreeMap<String, Secret>,
-    /// PostgreSQL URL (required).
-    pub database_url: Option<Secret>,
-    /// Connections in the write pool.
-    pub database_pool_size: u32,
-    /// A batch write that takes longer is abandoned and retried (keeps the loop turning).
-    pub database_write_timeout_secs: u64,
-    /// Port of `/metrics`, `/health`, `/livez`, `/readyz`.
-    pub metrics_port: u16,
-    /// A batch is written when it holds this many events...
-    pub batch_max_events: usize,
-    /// ...or this many payload bytes...
-    pub batch_max_bytes: usize,
-    /// ...or its first event has waited this long.
-    pub batch_linger_ms: u64,
-    /// Batches written at once, in overlapping transactions on separate pool connections, while
-    /// the next one is consumed; offsets still commit in consumption order.
-    pub batch_max_in_flight: usize,
-    /// Records larger than this are dead-lettered instead of stored.
-    pub max_event_bytes: usize,
-    /// Bound on records librdkafka prefetches (`queued.max.messages.kbytes`): caps memory.
-    pub fetch_buffer_kbytes: u32,
-    /// Drain budget on SIGTERM; the pod's grace period must be longer.
-    pub shutdown_timeout_secs: u64,
-    /// `/livez` fails when the consume loop has not turned for this long.
-    pub liveness_stall_secs: u64,
-    /// `/livez` fails when a broker answers but the member has not been in a steady group
-    /// (joined, assignment received) for this long: a restart rejoins from scratch.
-    pub group_unsteady_liveness_secs: u64,
-    /// How often consumer lag is recomputed.
-    pub lag_refresh_secs: u64,
-    /// `text` or `json`.
-    pub log_format: LogFormat,
-    /// A `tracing` filter directive, e.g. `info` or `nexus_analytics=debug`.
-    pub log_level: String,
-    /// OTLP/HTTP endpoint for spans; unset means no span export.
-    pub otel_exporter_otlp_endpoint: Option<String>,
-    /// Port of the query API (`/api/v1/...`), separate from the metrics port; 0 disables it.
-    pub api_port: u16,
-    /// When set, every API request must carry `Authorization: Bearer <token>`.
-    pub api_token: Option<Secret>,
-    /// Read-only connection for the API; defaults to `DATABASE_URL`.
-    pub api_database_url: Option<Secret>,
-    /// JSON bytes one API event page may hold (a single larger event is returned alone).
-    pub api_max_page_bytes: usize,
-    /// API requests served at once (one read connection each); more get 503 `overloaded`.
-    pub api_max_concurrent_requests: usize,
-    /// Statement timeout of every API query.
-    pub api_statement_timeout_ms: u64,
-    /// `day` or `month`.
-    pub partition_interval: PartitionInterval,
-    /// Partitions created ahead of the current one.
-    pub partitions_ahead: u32,
-    /// Drop event partitions entirely older than this many days; unset keeps everything.
-    pub retention_days: Option<u32>,
-    /// How often partition maintenance runs, e.g. `1h`, `15m`, `3600s`.
-    pub maintenance_interval: String,
-    /// Filtering and routing rules as a JSON array (see [`crate::ingest::routing`]).
-    pub routing_rules: Option<String>,
+fn invalid(setting: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { setting: setting.into(), reason: reason.into() }
 }
 
-impl Default for Settings {
-    fn default() -> Self {
-        Self {
-            kafka_brokers: "localhost:9092".into(),
-            kafka_topics: "user-events".into(),
-            kafka_group_id: "analytics-service".into(),
-            kafka_dlq_topic: "user-events.dlq".into(),
-            kafka_session_timeout_ms: 10_000,
-            kafka_properties: BTreeMap::new(),
-            database_url: None,
-            database_pool_size: 4,
-            database_write_timeout_secs: 10,
-            metrics_port: 9090,
-            batch_max_events: 10_000,
-            batch_max_bytes: 4 * 1024 * 1024,
-            batch_linger_ms: 10,
-            batch_max_in_flight: 2,
-            max_event_bytes: 512 * 1024,
-            fetch_buffer_kbytes: 16 * 1024,
-            shutdown_timeout_secs: 20,
-            liveness_stall_secs: 60,
-            group_unsteady_liveness_secs: 300,
-            lag_refresh_secs: 5,
-            log_format: LogFormat::Text,
-            log_level: "info".into(),
-            otel_exporter_otlp_endpoint: None,
-            api_port: 8080,
-            api_token: None,
-            api_database_url: None,
-            api_max_page_bytes: crate::api::DEFAULT_MAX_PAGE_BYTES,
-            api_max_concurrent_requests: crate::api::DEFAULT_MAX_CONCURRENT_REQUESTS,
-            api_statement_timeout_ms: crate::api::DEFAULT_STATEMENT_TIMEOUT.as_millis() as u64,
-            partition_interval: PartitionInterval::Day,
-            partitions_ahead: 7,
-            retention_days: None,
-            maintenance_interval: "1h".into(),
-            routing_rules: None,
-        }
+/// The whole configuration, parsed and checked.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Brokers, topics, group and client properties.
+    pub kafka: KafkaSettings,
+    /// The write database.
+    pub database: DatabaseSettings,
+    /// When batches are written and how many at once.
+    pub batch: BatchSettings,
+    /// Filtering and routing rules (`ROUTING_RULES`, see [`crate::ingest::routing`]).
+    pub routing: Rules,
+    /// The query API.
+    pub api: ApiSettings,
+    /// Partitions and retention.
+    pub maintenance: MaintenanceSettings,
+    /// Probes, logs, spans and the ops port.
+    pub observe: ObserveSettings,
+    /// Drain budget on SIGTERM (`SHUTDOWN_TIMEOUT_SECS`); the pod's grace period must be longer.
+    pub shutdown_timeout: Duration,
+    /// The pod this process runs as (`POD_NAME`), for the operator's Lease and Events.
+    pub pod_name: Option<String>,
+}
+
+/// Kafka: where to consume from and as whom.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    /// Bootstrap servers, comma-separated (`KAFKA_BROKERS`).
+    pub brokers: String,
+    /// Topics to consume (`KAFKA_TOPICS`, comma-separated), at least one.
+    pub topics: Vec<String>,
+    /// Consumer group shared by all replicas (`KAFKA_GROUP_ID`).
+    pub group_id: String,
+    /// Where undecodable or rejected records go (`KAFKA_DLQ_TOPIC`).
+    pub dlq_topic: String,
+    /// Group session timeout; a dead replica's partitions move after this long.
+    pub session_timeout: Duration,
+    /// Bound on records librdkafka prefetches (`queued.max.messages.kbytes`): caps memory.
+    pub fetch_buffer_kbytes: u32,
+    /// How often consumer lag is recomputed (`LAG_REFRESH_SECS`).
+    pub lag_refresh: Duration,
+    /// The client id brokers see: `HOSTNAME` (the pod name in Kubernetes).
+    pub client_id: String,
+    /// librdkafka properties passed through verbatim (`KAFKA_PROPERTY_*`: security, tuning).
+    pub properties: BTreeMap<String, SecretString>,
+}
+
+/// The database events are written to.
+#[derive(Debug, Clone)]
+pub struct DatabaseSettings {
+    url: Option<SecretString>,
+    /// Connections in the write pool (`DATABASE_POOL_SIZE`).
+    pub pool_size: u32,
+    /// A batch write that takes longer is abandoned and retried (keeps the loop turning).
+    pub write_timeout: Duration,
+}
+
+impl DatabaseSettings {
+    /// The database URL; commands that use the database call this first, so a missing
+    /// `DATABASE_URL` stops them (and only them) with a message naming it.
+    pub fn url(&self) -> Result<&str, ConfigError> {
+        self.url
+            .as_ref()
+            .map(ExposeSecret::expose_secret)
+            .ok_or(ConfigError::Missing("DATABASE_URL"))
     }
+
+    /// The database URL with its password replaced, for log lines.
+    pub fn url_redacted(&self) -> String {
+        self.url.as_ref().map(|u| redact_url(u.expose_secret())).unwrap_or_default()
+    }
+}
+
+/// Batching: when a batch is written, how many are written at once, what is too big to store.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchSettings {
+    /// `BATCH_MAX_EVENTS`, `BATCH_MAX_BYTES`, `BATCH_LINGER_MS`.
+    pub policy: BatchPolicy,
+    /// Batches written at once, in overlapping transactions on separate pool connections, while
+    /// the next one is consumed; offsets still commit in consumption order.
+    pub max_in_flight: usize,
+    /// Records larger than this are dead-lettered instead of stored (`MAX_EVENT_BYTES`).
+    pub max_event_bytes: usize,
+}
+
+/// The query API (`/api/v1/...`).
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    /// Its port, separate from the metrics port; 0 disables it in `nexus-analytics run`.
+    pub port: u16,
+    /// When set, every request must carry `Authorization: Bearer <token>`.
+    pub token: Option<SecretString>,
+    /// `API_DATABASE_URL`, else `DATABASE_URL`.
+    database_url: Option<SecretString>,
+    /// Statement timeout, page budget and concurrency bound.
+    pub limits: ApiLimits,
+}
+
+impl ApiSettings {
+    /// The URL the query API reads with: `API_DATABASE_URL`, else `DATABASE_URL`.
+    pub fn database_url(&self) -> Result<&str, ConfigError> {
+        self.database_url.as_ref().map(ExposeSecret::expose_secret).ok_or(ConfigError::Missing(
+            "DATABASE_URL (or API_DATABASE_URL for nexus-analytics api)",
+        ))
+    }
+}
+
+/// Partition maintenance.
+#[derive(Debug, Clone, Copy)]
+pub struct MaintenanceSettings {
+    /// `PARTITION_INTERVAL`, `PARTITIONS_AHEAD`, `RETENTION_DAYS`.
+    pub policy: partitions::Policy,
+    /// How often maintenance runs (`MAINTENANCE_INTERVAL`).
+    pub interval: Duration,
+}
+
+/// What the service tells the outside about itself.
+#[derive(Debug, Clone)]
+pub struct ObserveSettings {
+    /// Port of `/metrics`, `/health`, `/livez`, `/readyz`.
+    pub metrics_port: u16,
+    /// `/livez` fails when the consume loop has not turned for this long.
+    pub liveness_stall: Duration,
+    /// `/livez` fails when a broker answers but the member has not been in a steady group
+    /// (joined, assignment received) for this long: a restart rejoins from scratch.
+    pub group_unsteady_limit: Duration,
+    /// `LOG_FORMAT`.
+    pub log_format: LogFormat,
+    /// The `tracing` filter: `RUST_LOG` when it parses, else `LOG_LEVEL`.
+    pub log_filter: String,
+    /// OTLP/HTTP endpoint for spans; unset means no span export.
+    pub otlp_endpoint: Option<String>,
+    /// The spans' `service.name` (`OTEL_SERVICE_NAME`).
+    pub service_name: String,
 }
 
 impl Settings {
@@ -287,242 +226,254 @@ impl Settings {
 
     /// The layered sources, exposed so tests can run them inside `figment::Jail`.
     pub fn figment() -> Figment {
-        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
-        if let Ok(path) = std::env::var("CONFIG_FILE") {
-            figment = figment.merge(Toml::file_exact(PathBuf::from(path)));
-        }
-        // Numbers and enums go through figment's value parsing; text settings are taken
-        // verbatim, so a token of digits or a JSON rule list is not reinterpreted.
-        let parsed: Vec<String> = ENV_VARS
-            .iter()
-            .filter(|v| !TEXT_ENV_VARS.contains(v) && !NOT_SETTINGS.contains(v))
-            .map(|v| v.to_ascii_lowercase())
-            .collect();
-        figment = figment.merge(Env::raw().filter(move |k| parsed.iter().any(|n| k == n.as_str())));
-        let text: BTreeMap<String, String> = Env::raw()
-            .iter()
-            .filter(|(k, _)| TEXT_ENV_VARS.iter().any(|n| k.as_str().eq_ignore_ascii_case(n)))
-            .map(|(k, v)| (k.as_str().to_ascii_lowercase(), v))
-            .collect();
-        figment = figment.merge(Serialized::globals(text));
-        let properties: BTreeMap<String, String> = Env::prefixed(KAFKA_PROPERTY_PREFIX)
-            .iter()
-            .map(|(k, v)| (k.as_str().to_ascii_lowercase().replace('_', "."), v))
-            .collect();
-        if !properties.is_empty() {
-            figment = figment.merge(Serialized::default("kafka_properties", properties));
-        }
-        figment
+        env::figment()
     }
 
-    /// Extracts and validates; errors name the setting in environment-variable spelling.
+    /// Extracts, validates and parses; errors name the setting in environment-variable spelling.
     pub fn from_figment(figment: Figment) -> Result<Self, ConfigError> {
-        let settings: Settings = figment.extract().map_err(|e| {
+        let raw: RawSettings = figment.extract().map_err(|e| {
             let setting = e
                 .path
                 .first()
                 .map(|p| p.to_ascii_uppercase())
                 .unwrap_or_else(|| "configuration".into());
             // figment's message may echo the value; a secret setting gets a generic reason.
-            let reason = if setting == "DATABASE_URL" || setting == "KAFKA_PROPERTIES" {
+            let reason = if matches!(
+                setting.as_str(),
+                "DATABASE_URL" | "API_DATABASE_URL" | "API_TOKEN" | "KAFKA_PROPERTIES"
+            ) {
                 "wrong type".to_string()
             } else {
                 e.kind.to_string()
             };
             ConfigError::Invalid { setting, reason }
         })?;
-        settings.validate()?;
-        Ok(settings)
+        Self::parse(raw)
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
-        fn invalid(setting: &str, reason: impl Into<String>) -> ConfigError {
-            ConfigError::Invalid { setting: setting.into(), reason: reason.into() }
-        }
-        if let Some(url) = &self.database_url {
-            let parsed = url::Url::parse(url.expose())
-                .map_err(|e| invalid("DATABASE_URL", format!("not a URL ({e})")))?;
-            if !matches!(parsed.scheme(), "postgres" | "postgresql") {
-                return Err(invalid("DATABASE_URL", "scheme must be postgres:// or postgresql://"));
-            }
-        }
-        if self.kafka_brokers.trim().is_empty() {
-            return Err(invalid("KAFKA_BROKERS", "must not be empty"));
-        }
-        if self.topics().is_empty() {
-            return Err(invalid("KAFKA_TOPICS", "must name at least one topic"));
-        }
-        if self.kafka_group_id.trim().is_empty() {
-            return Err(invalid("KAFKA_GROUP_ID", "must not be empty"));
-        }
-        if self.kafka_dlq_topic.trim().is_empty() {
-            return Err(invalid("KAFKA_DLQ_TOPIC", "must not be empty"));
-        }
-        if self.topics().iter().any(|t| *t == self.kafka_dlq_topic) {
-            return Err(invalid("KAFKA_DLQ_TOPIC", "must not be one of KAFKA_TOPICS"));
-        }
-        if !(1000..=3_600_000).contains(&self.kafka_session_timeout_ms) {
-            return Err(invalid("KAFKA_SESSION_TIMEOUT_MS", "must be between 1000 and 3600000"));
-        }
-        let positive = [
-            ("DATABASE_POOL_SIZE", self.database_pool_size as u64),
-            ("DATABASE_WRITE_TIMEOUT_SECS", self.database_write_timeout_secs),
-            ("BATCH_MAX_EVENTS", self.batch_max_events as u64),
-            ("BATCH_MAX_BYTES", self.batch_max_bytes as u64),
-            ("BATCH_MAX_IN_FLIGHT", self.batch_max_in_flight as u64),
-            ("MAX_EVENT_BYTES", self.max_event_bytes as u64),
-            ("FETCH_BUFFER_KBYTES", self.fetch_buffer_kbytes as u64),
-            ("LIVENESS_STALL_SECS", self.liveness_stall_secs),
-            ("GROUP_UNSTEADY_LIVENESS_SECS", self.group_unsteady_liveness_secs),
-            ("LAG_REFRESH_SECS", self.lag_refresh_secs),
-        ];
-        for (name, value) in positive {
-            if value == 0 {
-                return Err(invalid(name, "must be greater than 0"));
-            }
-        }
-        if self.batch_max_in_flight > self.database_pool_size as usize {
+    fn parse(raw: RawSettings) -> Result<Self, ConfigError> {
+        let kafka = parse_kafka(&raw)?;
+        let database = DatabaseSettings {
+            url: raw
+                .database_url
+                .as_deref()
+                .map(|u| postgres_url("DATABASE_URL", u))
+                .transpose()?,
+            pool_size: positive("DATABASE_POOL_SIZE", raw.database_pool_size.into())? as u32,
+            write_timeout: secs("DATABASE_WRITE_TIMEOUT_SECS", raw.database_write_timeout_secs)?,
+        };
+        let batch = BatchSettings {
+            policy: BatchPolicy {
+                max_events: positive("BATCH_MAX_EVENTS", raw.batch_max_events as u64)? as usize,
+                max_bytes: positive("BATCH_MAX_BYTES", raw.batch_max_bytes as u64)? as usize,
+                linger: Duration::from_millis(raw.batch_linger_ms),
+            },
+            max_in_flight: positive("BATCH_MAX_IN_FLIGHT", raw.batch_max_in_flight as u64)?
+                as usize,
+            max_event_bytes: positive("MAX_EVENT_BYTES", raw.max_event_bytes as u64)? as usize,
+        };
+        if batch.max_in_flight > database.pool_size as usize {
             return Err(invalid(
                 "BATCH_MAX_IN_FLIGHT",
                 "must not exceed DATABASE_POOL_SIZE (each write holds a connection)",
             ));
         }
-        if self.liveness_stall_secs <= self.database_write_timeout_secs {
+        let observe = parse_observe(&raw)?;
+        if observe.liveness_stall <= database.write_timeout {
             return Err(invalid(
                 "LIVENESS_STALL_SECS",
                 "must exceed DATABASE_WRITE_TIMEOUT_SECS, or a slow write would restart the pod",
             ));
         }
-        // The delivery contract: records of aborted transactions are never stored.
-        if let Some(level) = self.kafka_properties.get("isolation.level")
-            && level.expose() != "read_committed"
-        {
-            return Err(invalid(
-                "KAFKA_PROPERTY_ISOLATION_LEVEL",
-                "must be read_committed (records of aborted transactions must never be stored)",
-            ));
-        }
-        for key in self.kafka_properties.keys() {
-            if !key.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.') {
-                return Err(invalid(
-                    &format!("{KAFKA_PROPERTY_PREFIX}{}", key.replace('.', "_").to_uppercase()),
-                    "not a librdkafka property name",
-                ));
-            }
-        }
-        tracing_subscriber::EnvFilter::try_new(&self.log_level)
-            .map_err(|e| invalid("LOG_LEVEL", e.to_string()))?;
-        if let Some(url) = &self.api_database_url {
-            let parsed = url::Url::parse(url.expose())
-                .map_err(|e| invalid("API_DATABASE_URL", format!("not a URL ({e})")))?;
-            if !matches!(parsed.scheme(), "postgres" | "postgresql") {
-                return Err(invalid(
-                    "API_DATABASE_URL",
-                    "scheme must be postgres:// or postgresql://",
-                ));
-            }
-        }
-        if self.api_port != 0 && self.api_port == self.metrics_port {
+        let api = parse_api(&raw, database.url.clone())?;
+        if api.port != 0 && api.port == observe.metrics_port {
             return Err(invalid("API_PORT", "must differ from METRICS_PORT"));
         }
-        if !(MIN_API_PAGE_BYTES..=MAX_API_PAGE_BYTES).contains(&self.api_max_page_bytes) {
-            return Err(invalid(
-                "API_MAX_PAGE_BYTES",
-                format!("must be between {MIN_API_PAGE_BYTES} and {MAX_API_PAGE_BYTES}"),
-            ));
-        }
-        if !(1..=1024).contains(&self.api_max_concurrent_requests) {
-            return Err(invalid("API_MAX_CONCURRENT_REQUESTS", "must be between 1 and 1024"));
-        }
-        if !(1..=600_000).contains(&self.api_statement_timeout_ms) {
-            return Err(invalid("API_STATEMENT_TIMEOUT_MS", "must be between 1 and 600000"));
-        }
-        if self.api_token.as_ref().is_some_and(|t| t.expose().trim().is_empty()) {
-            return Err(invalid("API_TOKEN", "must not be empty when set"));
-        }
-        if self.partitions_ahead > 366 {
-            return Err(invalid("PARTITIONS_AHEAD", "must be at most 366"));
-        }
-        if self.retention_days == Some(0) {
-            return Err(invalid(
-                "RETENTION_DAYS",
-                "must be at least 1 (unset it to keep everything)",
-            ));
-        }
-        self.maintenance_interval()?;
-        self.routing_rules()?;
-        Ok(())
-    }
-
-    /// The maintenance period.
-    pub fn maintenance_interval(&self) -> Result<Duration, ConfigError> {
-        parse_duration(&self.maintenance_interval).ok_or_else(|| ConfigError::Invalid {
-            setting: "MAINTENANCE_INTERVAL".into(),
-            reason: "expected a positive duration such as 30s, 15m, 1h or 1d".into(),
+        let maintenance = parse_maintenance(&raw)?;
+        let routing = Rules::parse(raw.routing_rules.as_deref().unwrap_or("[]"))
+            .map_err(|reason| invalid("ROUTING_RULES", reason))?;
+        Ok(Self {
+            kafka,
+            database,
+            batch,
+            routing,
+            api,
+            maintenance,
+            observe,
+            shutdown_timeout: Duration::from_secs(raw.shutdown_timeout_secs),
+            pod_name: raw.pod_name.filter(|p| !p.trim().is_empty()),
         })
-    }
-
-    /// The routing rules, parsed and checked.
-    pub fn routing_rules(&self) -> Result<crate::ingest::routing::Rules, ConfigError> {
-        crate::ingest::routing::Rules::parse(self.routing_rules.as_deref().unwrap_or("[]"))
-            .map_err(|reason| ConfigError::Invalid { setting: "ROUTING_RULES".into(), reason })
-    }
-
-    /// The topics to subscribe to.
-    pub fn topics(&self) -> Vec<&str> {
-        self.kafka_topics.split(',').map(str::trim).filter(|t| !t.is_empty()).collect()
-    }
-
-    /// The database URL; commands that use the database call this first, so a missing
-    /// `DATABASE_URL` stops them (and only them) with a message naming it.
-    pub fn database_url(&self) -> Result<&str, ConfigError> {
-        self.database_url.as_ref().map(Secret::expose).ok_or(ConfigError::Missing("DATABASE_URL"))
-    }
-
-    /// The database URL with its password replaced, for log lines.
-    pub fn database_url_redacted(&self) -> String {
-        self.database_url.as_ref().map(|u| redact_url(u.expose())).unwrap_or_default()
-    }
-
-    /// The query API's bounds.
-    pub fn api_limits(&self) -> crate::api::ApiLimits {
-        crate::api::ApiLimits {
-            statement_timeout: Duration::from_millis(self.api_statement_timeout_ms),
-            max_page_bytes: self.api_max_page_bytes,
-            max_concurrent_requests: self.api_max_concurrent_requests,
-        }
-    }
-
-    /// The URL the query API reads with: `API_DATABASE_URL`, else `DATABASE_URL`.
-    pub fn api_database_url(&self) -> Result<&str, ConfigError> {
-        match &self.api_database_url {
-            Some(url) => Ok(url.expose()),
-            None => self.database_url.as_ref().map(Secret::expose).ok_or(ConfigError::Missing(
-                "DATABASE_URL (or API_DATABASE_URL for nexus-analytics api)",
-            )),
-        }
-    }
-
-    /// Linger limit as a duration.
-    pub fn batch_linger(&self) -> Duration {
-        Duration::from_millis(self.batch_linger_ms)
     }
 }
 
-/// Parses `90`, `90s`, `15m`, `1h` or `1d`; zero and garbage yield `None`.
+fn parse_kafka(raw: &RawSettings) -> Result<KafkaSettings, ConfigError> {
+    if raw.kafka_brokers.trim().is_empty() {
+        return Err(invalid("KAFKA_BROKERS", "must not be empty"));
+    }
+    let topics: Vec<String> = raw
+        .kafka_topics
+        .split(',')
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+        .map(String::from)
+        .collect();
+    if topics.is_empty() {
+        return Err(invalid("KAFKA_TOPICS", "must name at least one topic"));
+    }
+    if raw.kafka_group_id.trim().is_empty() {
+        return Err(invalid("KAFKA_GROUP_ID", "must not be empty"));
+    }
+    if raw.kafka_dlq_topic.trim().is_empty() {
+        return Err(invalid("KAFKA_DLQ_TOPIC", "must not be empty"));
+    }
+    if topics.contains(&raw.kafka_dlq_topic) {
+        return Err(invalid("KAFKA_DLQ_TOPIC", "must not be one of KAFKA_TOPICS"));
+    }
+    if !(1000..=3_600_000).contains(&raw.kafka_session_timeout_ms) {
+        return Err(invalid("KAFKA_SESSION_TIMEOUT_MS", "must be between 1000 and 3600000"));
+    }
+    // The delivery contract: records of aborted transactions are never stored.
+    if let Some(level) = raw.kafka_properties.get("isolation.level")
+        && level != "read_committed"
+    {
+        return Err(invalid(
+            "KAFKA_PROPERTY_ISOLATION_LEVEL",
+            "must be read_committed (records of aborted transactions must never be stored)",
+        ));
+    }
+    for key in raw.kafka_properties.keys() {
+        if !key.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.') {
+            return Err(invalid(
+                &format!("{KAFKA_PROPERTY_PREFIX}{}", key.replace('.', "_").to_uppercase()),
+                "not a librdkafka property name",
+            ));
+        }
+    }
+    Ok(KafkaSettings {
+        brokers: raw.kafka_brokers.clone(),
+        topics,
+        group_id: raw.kafka_group_id.clone(),
+        dlq_topic: raw.kafka_dlq_topic.clone(),
+        session_timeout: Duration::from_millis(raw.kafka_session_timeout_ms.into()),
+        fetch_buffer_kbytes: positive("FETCH_BUFFER_KBYTES", raw.fetch_buffer_kbytes.into())?
+            as u32,
+        lag_refresh: secs("LAG_REFRESH_SECS", raw.lag_refresh_secs)?,
+        client_id: raw
+            .hostname
+            .clone()
+            .filter(|h| !h.trim().is_empty())
+            .unwrap_or_else(|| "nexus-analytics".into()),
+        properties: raw
+            .kafka_properties
+            .iter()
+            .map(|(k, v)| (k.clone(), SecretString::from(v.as_str())))
+            .collect(),
+    })
+}
+
+fn parse_observe(raw: &RawSettings) -> Result<ObserveSettings, ConfigError> {
+    tracing_subscriber::EnvFilter::try_new(&raw.log_level)
+        .map_err(|e| invalid("LOG_LEVEL", e.to_string()))?;
+    // RUST_LOG is the developer's override: one that does not parse is ignored, as before.
+    let log_filter = raw
+        .rust_log
+        .as_deref()
+        .filter(|f| tracing_subscriber::EnvFilter::try_new(f).is_ok())
+        .unwrap_or(&raw.log_level)
+        .to_string();
+    Ok(ObserveSettings {
+        metrics_port: raw.metrics_port,
+        liveness_stall: secs("LIVENESS_STALL_SECS", raw.liveness_stall_secs)?,
+        group_unsteady_limit: secs(
+            "GROUP_UNSTEADY_LIVENESS_SECS",
+            raw.group_unsteady_liveness_secs,
+        )?,
+        log_format: raw.log_format,
+        log_filter,
+        otlp_endpoint: raw.otel_exporter_otlp_endpoint.clone().filter(|e| !e.trim().is_empty()),
+        service_name: raw.otel_service_name.clone(),
+    })
+}
+
+fn parse_api(
+    raw: &RawSettings,
+    database_url: Option<SecretString>,
+) -> Result<ApiSettings, ConfigError> {
+    if !(MIN_API_PAGE_BYTES..=MAX_API_PAGE_BYTES).contains(&raw.api_max_page_bytes) {
+        return Err(invalid(
+            "API_MAX_PAGE_BYTES",
+            format!("must be between {MIN_API_PAGE_BYTES} and {MAX_API_PAGE_BYTES}"),
+        ));
+    }
+    if !(1..=1024).contains(&raw.api_max_concurrent_requests) {
+        return Err(invalid("API_MAX_CONCURRENT_REQUESTS", "must be between 1 and 1024"));
+    }
+    if !(1..=600_000).contains(&raw.api_statement_timeout_ms) {
+        return Err(invalid("API_STATEMENT_TIMEOUT_MS", "must be between 1 and 600000"));
+    }
+    if raw.api_token.as_ref().is_some_and(|t| t.trim().is_empty()) {
+        return Err(invalid("API_TOKEN", "must not be empty when set"));
+    }
+    let own_url =
+        raw.api_database_url.as_deref().map(|u| postgres_url("API_DATABASE_URL", u)).transpose()?;
+    Ok(ApiSettings {
+        port: raw.api_port,
+        token: raw.api_token.as_deref().map(SecretString::from),
+        database_url: own_url.or(database_url),
+        limits: ApiLimits {
+            statement_timeout: Duration::from_millis(raw.api_statement_timeout_ms),
+            max_page_bytes: raw.api_max_page_bytes,
+            max_concurrent_requests: raw.api_max_concurrent_requests,
+        },
+    })
+}
+
+fn parse_maintenance(raw: &RawSettings) -> Result<MaintenanceSettings, ConfigError> {
+    if raw.partitions_ahead > 366 {
+        return Err(invalid("PARTITIONS_AHEAD", "must be at most 366"));
+    }
+    if raw.retention_days == Some(0) {
+        return Err(invalid("RETENTION_DAYS", "must be at least 1 (unset it to keep everything)"));
+    }
+    let interval = parse_duration(&raw.maintenance_interval).ok_or_else(|| {
+        invalid("MAINTENANCE_INTERVAL", "expected a positive duration such as 30s, 15m, 1h or 1d")
+    })?;
+    Ok(MaintenanceSettings {
+        policy: partitions::Policy {
+            interval: raw.partition_interval,
+            ahead: raw.partitions_ahead,
+            retention_days: raw.retention_days,
+        },
+        interval,
+    })
+}
+
+/// A `postgres://` URL, checked without ever echoing it.
+fn postgres_url(setting: &str, raw: &str) -> Result<SecretString, ConfigError> {
+    let parsed = url::Url::parse(raw).map_err(|e| invalid(setting, format!("not a URL ({e})")))?;
+    if !matches!(parsed.scheme(), "postgres" | "postgresql") {
+        return Err(invalid(setting, "scheme must be postgres:// or postgresql://"));
+    }
+    Ok(SecretString::from(raw))
+}
+
+fn positive(setting: &str, value: u64) -> Result<u64, ConfigError> {
+    if value == 0 { Err(invalid(setting, "must be greater than 0")) } else { Ok(value) }
+}
+
+fn secs(setting: &str, value: u64) -> Result<Duration, ConfigError> {
+    positive(setting, value).map(Duration::from_secs)
+}
+
+/// Parses a positive duration in humantime's syntax (`30s`, `15m`, `1h`, `1d`, `1h 30m`) or a
+/// bare number of seconds; zero and garbage yield `None`.
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
-    let split = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
-    let (number, unit) = text.split_at(split);
-    let n: u64 = number.parse().ok().filter(|n| *n > 0)?;
-    let seconds = match unit.trim() {
-        "" | "s" => n,
-        "m" => n.checked_mul(60)?,
-        "h" => n.checked_mul(3600)?,
-        "d" => n.checked_mul(86_400)?,
-        _ => return None,
+    let duration = match text.parse::<u64>() {
+        Ok(seconds) => Duration::from_secs(seconds),
+        Err(_) => humantime::parse_duration(text).ok()?,
     };
-    Some(Duration::from_secs(seconds))
+    (!duration.is_zero()).then_some(duration)
 }
 
 /// Replaces the password in a URL with `***`; unparsable input is hidden entirely.
@@ -550,10 +501,13 @@ mod tests {
             jail.clear_env();
             jail.set_env("DATABASE_URL", "postgres://u:p@localhost/db");
             let s = Settings::from_figment(Settings::figment()).expect("valid");
-            assert_eq!(s.kafka_brokers, "localhost:9092");
-            assert_eq!(s.metrics_port, 9090);
-            assert_eq!(s.topics(), vec!["user-events"]);
-            assert_eq!(s.kafka_group_id, "analytics-service");
+            assert_eq!(s.kafka.brokers, "localhost:9092");
+            assert_eq!(s.observe.metrics_port, 9090);
+            assert_eq!(s.kafka.topics, vec!["user-events"]);
+            assert_eq!(s.kafka.group_id, "analytics-service");
+            assert_eq!(s.kafka.client_id, "nexus-analytics");
+            assert_eq!(s.maintenance.interval, Duration::from_secs(3600));
+            assert_eq!(s.observe.log_filter, "info");
             Ok(())
         });
     }
@@ -564,7 +518,7 @@ mod tests {
             jail.clear_env();
             let settings =
                 Settings::from_figment(Settings::figment()).expect("valid without a database");
-            let err = settings.database_url().unwrap_err();
+            let err = settings.database.url().unwrap_err();
             assert_eq!(err.to_string(), "missing setting DATABASE_URL: it is required");
             Ok(())
         });
@@ -593,9 +547,9 @@ mod tests {
             jail.set_env("KAFKA_PROPERTY_SECURITY_PROTOCOL", "SASL_SSL");
             jail.set_env("KAFKA_PROPERTY_SASL_PASSWORD", "hunter2");
             let s = Settings::from_figment(Settings::figment()).expect("valid");
-            assert_eq!(s.metrics_port, 9100);
-            assert_eq!(s.kafka_group_id, "from-env");
-            assert_eq!(s.kafka_properties["security.protocol"].expose(), "SASL_SSL");
+            assert_eq!(s.observe.metrics_port, 9100);
+            assert_eq!(s.kafka.group_id, "from-env");
+            assert_eq!(s.kafka.properties["security.protocol"].expose_secret(), "SASL_SSL");
             assert!(!format!("{s:?}").contains("hunter2"));
             assert!(!format!("{s:?}").contains("u:p@"));
             Ok(())
@@ -618,8 +572,8 @@ mod tests {
     fn every_listed_variable_is_accepted() {
         Jail::expect_with(|jail| {
             jail.clear_env();
-            for name in ENV_VARS {
-                let value = match *name {
+            for name in env_vars() {
+                let value = match name {
                     "CONFIG_FILE" => continue,
                     "DATABASE_URL" | "API_DATABASE_URL" => "postgres://u:p@localhost/db",
                     "LOG_FORMAT" => "json",
@@ -635,6 +589,7 @@ mod tests {
                     "OTEL_EXPORTER_OTLP_ENDPOINT"
                     | "OTEL_SERVICE_NAME"
                     | "POD_NAME"
+                    | "HOSTNAME"
                     | "API_TOKEN" => "x",
                     _ => "7",
                 };
@@ -644,9 +599,11 @@ mod tests {
             jail.set_env("API_TOKEN", "12345");
             jail.set_env("KAFKA_GROUP_ID", "true");
             let s = Settings::from_figment(Settings::figment()).map_err(|e| e.to_string())?;
-            assert_eq!(s.api_token.as_ref().map(Secret::expose), Some("12345"));
-            assert_eq!(s.kafka_group_id, "true");
-            assert!(s.routing_rules().map_err(|e| e.to_string())?.is_empty());
+            assert_eq!(s.api.token.as_ref().map(ExposeSecret::expose_secret), Some("12345"));
+            assert_eq!(s.kafka.group_id, "true");
+            assert!(s.routing.is_empty());
+            assert_eq!(s.kafka.client_id, "x");
+            assert_eq!(s.pod_name.as_deref(), Some("x"));
             Ok(())
         });
     }
@@ -670,8 +627,8 @@ mod tests {
         Jail::expect_with(|jail| {
             jail.clear_env();
             let s = Settings::from_figment(Settings::figment()).map_err(|e| e.to_string())?;
-            assert_eq!(s.api_max_page_bytes, 4 * 1024 * 1024);
-            assert_eq!(s.api_max_concurrent_requests, 8);
+            assert_eq!(s.api.limits.max_page_bytes, 4 * 1024 * 1024);
+            assert_eq!(s.api.limits.max_concurrent_requests, 8);
             Ok(())
         });
     }
@@ -695,7 +652,9 @@ mod tests {
         assert_eq!(parse_duration("15m"), Some(Duration::from_secs(900)));
         assert_eq!(parse_duration("90"), Some(Duration::from_secs(90)));
         assert_eq!(parse_duration("2d"), Some(Duration::from_secs(172_800)));
-        for bad in ["", "0", "h", "1y", "-1h", "1.5h"] {
+        assert_eq!(parse_duration("1h 30m"), Some(Duration::from_secs(5400)));
+        assert_eq!(parse_duration("1.5h"), Some(Duration::from_secs(5400)));
+        for bad in ["", "0", "0s", "h", "1 fortnight", "-1h", "1.5.h"] {
             assert_eq!(parse_duration(bad), None, "{bad}");
         }
     }

@@ -13,10 +13,11 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
+use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::config::Settings;
+use crate::config::{KafkaSettings, ObserveSettings};
 use crate::ingest::batch_policy::Backoff;
 use crate::ingest::pipeline::{FlushError, Pipeline};
 use crate::ingest::rebalance::PipelineContext;
@@ -115,12 +116,14 @@ pub type PipelineConsumer = BaseConsumer<PipelineContext>;
 
 /// Creates the consumer and subscribes it to the configured topics.
 pub fn create_consumer(
-    settings: &Settings,
+    kafka: &KafkaSettings,
+    observe: &ObserveSettings,
     pipeline: Arc<Pipeline>,
 ) -> Result<PipelineConsumer, KafkaError> {
-    let mut config = client_config(settings);
+    let session_timeout_ms = kafka.session_timeout.as_millis();
+    let mut config = client_config(kafka);
     config
-        .set("group.id", &settings.kafka_group_id)
+        .set("group.id", &kafka.group_id)
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
@@ -129,24 +132,21 @@ pub fn create_consumer(
         // of aborted transactions are never returned, and the consumer does not read past
         // the last stable offset (an open transaction). Validation refuses any other value.
         .set("isolation.level", "read_committed")
-        .set("session.timeout.ms", settings.kafka_session_timeout_ms.to_string())
-        .set("heartbeat.interval.ms", (settings.kafka_session_timeout_ms / 3).max(100).to_string())
+        .set("session.timeout.ms", session_timeout_ms.to_string())
+        .set("heartbeat.interval.ms", (session_timeout_ms / 3).max(100).to_string())
         .set("statistics.interval.ms", "1000")
-        .set("queued.max.messages.kbytes", settings.fetch_buffer_kbytes.to_string())
+        .set("queued.max.messages.kbytes", kafka.fetch_buffer_kbytes.to_string())
         // Incremental rebalancing: when a replica joins or leaves (HPA), only the partitions
         // that move stop; the others keep consuming.
         .set("partition.assignment.strategy", "cooperative-sticky");
     // Pass-through properties win, so operators can override any of the above.
-    for (key, value) in &settings.kafka_properties {
-        config.set(key, value.expose());
+    for (key, value) in &kafka.properties {
+        config.set(key, value.expose_secret());
     }
-    let context = PipelineContext::new(
-        pipeline,
-        Duration::from_secs(settings.lag_refresh_secs),
-        Duration::from_secs(settings.group_unsteady_liveness_secs),
-    );
+    let context = PipelineContext::new(pipeline, kafka.lag_refresh, observe.group_unsteady_limit);
     let consumer: PipelineConsumer = config.create_with_context(context)?;
-    consumer.subscribe(&settings.topics())?;
+    let topics: Vec<&str> = kafka.topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics)?;
     Ok(consumer)
 }
 

@@ -9,7 +9,7 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
-use crate::config::{LogFormat, Settings};
+use crate::config::{LogFormat, ObserveSettings};
 
 /// Keeps span export alive; dropping it flushes and stops the exporter.
 #[derive(Default)]
@@ -30,11 +30,8 @@ impl Drop for TracingGuard {
 /// `tracing-opentelemetry` layer exporting spans over OTLP/HTTP. Without an endpoint no
 /// OpenTelemetry layer is installed at all, so spans cost nothing beyond `tracing` itself.
 /// Metrics are never derived from log fields.
-pub fn init_tracing(settings: &Settings) -> TracingGuard {
-    let filter = std::env::var("RUST_LOG")
-        .ok()
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| EnvFilter::new(&settings.log_level));
+pub fn init_tracing(settings: &ObserveSettings) -> TracingGuard {
+    let filter = EnvFilter::new(&settings.log_filter);
     let fmt = match settings.log_format {
         LogFormat::Text => tracing_subscriber::fmt::layer()
             .with_target(false)
@@ -42,8 +39,11 @@ pub fn init_tracing(settings: &Settings) -> TracingGuard {
             .boxed(),
         LogFormat::Json => tracing_subscriber::fmt::layer().json().flatten_event(true).boxed(),
     };
-    let (provider, otel) = match settings.otel_exporter_otlp_endpoint.as_deref().map(otlp_provider)
-    {
+    let provider = settings
+        .otlp_endpoint
+        .as_deref()
+        .map(|endpoint| otlp_provider(endpoint, &settings.service_name));
+    let (provider, otel) = match provider {
         Some(Ok(provider)) => {
             let tracer = provider.tracer("nexus-analytics");
             (Some(provider), Some(tracing_opentelemetry::layer().with_tracer(tracer)))
@@ -62,6 +62,7 @@ pub fn init_tracing(settings: &Settings) -> TracingGuard {
 
 fn otlp_provider(
     endpoint: &str,
+    service: &str,
 ) -> Result<SdkTracerProvider, opentelemetry_otlp::ExporterBuildError> {
     use opentelemetry_otlp::WithExportConfig;
     let endpoint = endpoint.trim_end_matches('/');
@@ -72,10 +73,11 @@ fn otlp_provider(
     };
     let exporter =
         opentelemetry_otlp::SpanExporter::builder().with_http().with_endpoint(traces).build()?;
-    let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "nexus-analytics".into());
     Ok(SdkTracerProvider::builder()
         .with_batch_exporter(exporter)
-        .with_resource(opentelemetry_sdk::Resource::builder().with_service_name(service).build())
+        .with_resource(
+            opentelemetry_sdk::Resource::builder().with_service_name(service.to_owned()).build(),
+        )
         .build())
 }
 

@@ -72,6 +72,8 @@ pub struct OperatorOptions {
     pub recheck_interval: Duration,
     /// Reconcile only while holding this Lease (`None`: always, a single replica).
     pub leader_election: Option<LeaderElection>,
+    /// The instance its Kubernetes Events are reported as (`POD_NAME`).
+    pub instance: Option<String>,
 }
 
 impl Default for OperatorOptions {
@@ -81,6 +83,7 @@ impl Default for OperatorOptions {
             namespace: None,
             recheck_interval: Duration::from_secs(300),
             leader_election: None,
+            instance: None,
         }
     }
 }
@@ -181,10 +184,8 @@ async fn control(
         .unwrap_or(false);
     tracing::info!(monitoring_api, "operator starting");
 
-    let reporter = Reporter {
-        controller: resources::FIELD_MANAGER.into(),
-        instance: std::env::var("POD_NAME").ok(),
-    };
+    let reporter =
+        Reporter { controller: resources::FIELD_MANAGER.into(), instance: opts.instance.clone() };
     let ctx = Arc::new(Context::new(
         client.clone(),
         Recorder::new(client.clone(), reporter),

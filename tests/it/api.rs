@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use nexus_analytics::api::{self, ApiLimits, ApiState};
-use nexus_analytics::config::Secret;
+use secrecy::SecretString;
 use serde_json::Value;
 use sqlx::postgres::PgPoolOptions;
 
@@ -73,7 +73,7 @@ impl ApiServer {
                 .acquire_timeout(Duration::from_secs(2))
                 .connect_lazy(url)
                 .expect("pool");
-            let state = ApiState::new(pool, token.map(Secret::new)).with_limits(limits);
+            let state = ApiState::new(pool, token.map(SecretString::from)).with_limits(limits);
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
             let port = listener.local_addr().expect("addr").port();
             tokio::spawn(async move {
