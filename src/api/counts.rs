@@ -1,14 +1,12 @@
 //! `GET /api/v1/stats/counts`: series from the exact per-minute aggregate, bounded in range and
 //! in points.
 
-use std::fmt::Write as _;
-
 use axum::Json;
 use axum::extract::{RawQuery, State};
-use axum::response::{IntoResponse, Response};
 use chrono::{DateTime, TimeDelta, Utc};
 use serde::Serialize;
-use sqlx::Row;
+use sqlx::postgres::Postgres;
+use sqlx::{QueryBuilder, Row};
 use utoipa::{IntoParams, ToSchema};
 
 use super::errors::{ApiError, ErrorBody};
@@ -170,11 +168,35 @@ pub(super) struct CountsResponse {
 pub(super) async fn event_counts(
     State(state): State<ApiState>,
     RawQuery(raw): RawQuery,
-) -> Response {
-    match counts(&state, raw.as_deref()).await {
-        Ok(body) => Json(body).into_response(),
-        Err(e) => e.into_response(),
+) -> Result<Json<CountsResponse>, ApiError> {
+    counts(&state, raw.as_deref()).await.map(Json)
+}
+
+/// The series' SQL: the grouping column is one of two fixed names, every value a bind parameter.
+fn series_query(
+    bucket: Bucket,
+    group_by: GroupBy,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+    event_type: Option<String>,
+    service: Option<String>,
+) -> QueryBuilder<Postgres> {
+    let mut sql = QueryBuilder::new("SELECT date_trunc(");
+    sql.push_bind(bucket.unit())
+        .push(", bucket, 'UTC') AS b, ")
+        .push(group_by.column())
+        .push(" AS key, sum(count)::bigint AS n FROM analytics.event_counts WHERE bucket >= ")
+        .push_bind(from)
+        .push(" AND bucket < ")
+        .push_bind(to);
+    if let Some(v) = event_type {
+        sql.push(" AND event_type = ").push_bind(v);
     }
+    if let Some(v) = service {
+        sql.push(" AND service = ").push_bind(v);
+    }
+    sql.push(" GROUP BY 1, 2 ORDER BY 1, 2 LIMIT ").push_bind(MAX_SERIES_POINTS as i64 + 1);
+    sql
 }
 
 async fn counts(state: &ApiState, raw: Option<&str>) -> Result<CountsResponse, ApiError> {
@@ -215,31 +237,9 @@ async fn counts(state: &ApiState, raw: Option<&str>) -> Result<CountsResponse, A
         ));
     }
 
-    let column = group_by.column();
-    let mut sql = format!(
-        "SELECT date_trunc($1, bucket, 'UTC') AS b, {column} AS key, sum(count)::bigint AS n
-FROM analytics.event_counts WHERE bucket >= $2 AND bucket < $3"
-    );
-    let mut n = 3;
-    if event_type.is_some() {
-        n += 1;
-        let _ = write!(sql, " AND event_type = ${n}");
-    }
-    if service.is_some() {
-        n += 1;
-        let _ = write!(sql, " AND service = ${n}");
-    }
-    let _ = write!(sql, " GROUP BY 1, 2 ORDER BY 1, 2 LIMIT ${}", n + 1);
-
+    let mut query = series_query(bucket, group_by, from, to, event_type, service);
     let rows = read_only(state, move |conn| {
-        Box::pin(async move {
-            let mut query =
-                sqlx::query(sqlx::AssertSqlSafe(sql)).bind(bucket.unit()).bind(from).bind(to);
-            for value in [event_type, service].into_iter().flatten() {
-                query = query.bind(value);
-            }
-            query.bind(MAX_SERIES_POINTS as i64 + 1).fetch_all(&mut *conn).await
-        })
+        Box::pin(async move { query.build().fetch_all(&mut *conn).await })
     })
     .await?;
     if rows.len() > MAX_SERIES_POINTS {
@@ -265,4 +265,23 @@ FROM analytics.event_counts WHERE bucket >= $2 AND bucket < $3"
             ApiError::internal()
         })?;
     Ok(CountsResponse { bucket, group_by, from, to, series })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_query_binds_every_value() {
+        let to = Utc::now();
+        let from = to - TimeDelta::hours(1);
+        let sql = series_query(Bucket::Hour, GroupBy::Service, from, to, None, Some("auth".into()))
+            .into_string();
+        assert!(
+            sql.starts_with("SELECT date_trunc($1, bucket, 'UTC') AS b, service AS key"),
+            "{sql}"
+        );
+        assert!(sql.contains("bucket >= $2 AND bucket < $3 AND service = $4 GROUP BY"), "{sql}");
+        assert!(sql.ends_with("LIMIT $5"), "{sql}");
+    }
 }
