@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,9 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from waiting import free_port, port_open, wait_until  # noqa: E402,F401  (scripts/lib/waiting.py; bench_api uses them as b.*)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -65,30 +67,6 @@ def log(msg: str) -> None:
 def die(msg: str) -> None:
     log(f"ERROR: {msg}")
     sys.exit(1)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
-def wait_until(timeout: float, cond, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if cond():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
 
 
 # ------------------------------------------------------------------------------ processes

@@ -43,6 +43,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import netns  # noqa: E402
+from waiting import NOT_YET, free_port, wait_for  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "nexus-analytics"
@@ -97,26 +98,7 @@ def apply(doc: str | dict, *extra: str):
 
 
 def wait_until(what: str, fn, timeout: float = 60, interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = fn()
-        except (Failed, KeyError, IndexError, TypeError, ValueError, OSError) as e:
-            last = e
-        else:
-            if last:
-                return last
-        time.sleep(interval)
-    raise Failed(f"timed out after {timeout:.0f}s waiting for {what} (last: {last!r})"[:3000])
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return wait_for(what, fn, timeout, interval, error=Failed, tolerate=NOT_YET + (Failed,))
 
 
 def quantity(q: str | None) -> float | None:

@@ -47,6 +47,9 @@ import psycopg
 from confluent_kafka import Consumer, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from waiting import free_ports, port_open, wait_until  # noqa: E402  (scripts/lib/waiting.py)
+
 ROOT = Path(__file__).resolve().parents[2]
 KAFKA_SCRIPT = ROOT / "scripts" / "kafka"
 PARTITIONS = 6
@@ -73,36 +76,6 @@ def die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)
     except OSError:
         pass
-
-
-def free_ports(n: int) -> list[int]:
-    held = []
-    for _ in range(n):
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        held.append(s)
-    ports = [s.getsockname()[1] for s in held]
-    for s in held:
-        s.close()
-    return ports
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
-
-
-def wait_until(timeout: float, cond, interval: float = 0.2) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if cond():
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
 
 
 def http_get(port: int, path: str) -> tuple[int, str] | None:
@@ -213,7 +186,7 @@ class KafkaNode:
                 raise RuntimeError(f"Kafka node {self.id} exited; see {self.log}")
             text = self.log.read_text(errors="replace").rsplit("==== soak: node start", 1)[-1]
             return "Kafka Server started" in text and port_open(self.port)
-        if not wait_until(timeout, serving):
+        if not wait_until(timeout, serving, 0.2):
             raise RuntimeError(f"Kafka node {self.id} not serving after {timeout}s; see {self.log}")
 
     def kill(self) -> None:
@@ -378,7 +351,7 @@ class Soak:
         c = Consumer({"bootstrap.servers": self.direct, "group.id": "soak-admin"})
         ok = wait_until(60, lambda: all(
             p.leader >= 0 for p in c.list_topics(self.topic, timeout=5).topics[self.topic].partitions.values()
-        ) and len(c.list_topics(self.topic, timeout=5).topics[self.topic].partitions) == PARTITIONS)
+        ) and len(c.list_topics(self.topic, timeout=5).topics[self.topic].partitions) == PARTITIONS, 0.2)
         c.close()
         if not ok:
             raise RuntimeError(f"topic {self.topic} has partitions without a leader")
