@@ -22,7 +22,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,9 @@ import unittest
 import urllib.request
 import uuid
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "lib"))
+from waiting import free_port, wait_for  # noqa: E402  (scripts/lib/waiting.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 CHART = ROOT / "charts" / "nexus-analytics"
@@ -82,26 +84,8 @@ def exists(kind: str, name: str, ns: str) -> bool:
     return kubectl("get", kind, name, "-n", ns, "--ignore-not-found", "-o", "name").stdout != ""
 
 
-def wait_until(what: str, fn, timeout: float = 60, interval: float = 0.5):
-    """Polls fn until it returns a truthy value (returned); fails naming what was awaited."""
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = fn()
-        except (AssertionError, KeyError, IndexError, TypeError, json.JSONDecodeError) as e:
-            last = e
-        else:
-            if last:
-                return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+# Polls fn until it returns a truthy value (returned); fails naming what was awaited.
+wait_until = wait_for
 
 
 def apply_yaml(doc: str, *extra: str):
@@ -578,6 +562,7 @@ class T4Operator(unittest.TestCase):
             ("watch", "analyticspipelines"), ("patch", "analyticspipelines", "--subresource=status"),
             ("patch", "deployments"), ("create", "jobs"), ("delete", "horizontalpodautoscalers"),
             ("create", "events.events.k8s.io"), ("get", "secrets"), ("list", "pods"),
+            ("patch", "scaledobjects.keda.sh"), ("delete", "triggerauthentications.keda.sh"),
         ]
         for verb, *res in granted:
             self.assertTrue(can(verb, *res, "-n", self.other), f"{verb} {res} refused")

@@ -66,6 +66,8 @@ pub struct KafkaConnection {
     pub brokers: String,
     /// librdkafka properties from the pipeline's Kafka Secret.
     pub props: BTreeMap<String, String>,
+    /// That Secret's data as written (key -> value), for KEDA's references into it.
+    pub secret_data: BTreeMap<String, String>,
 }
 
 /// Reads partition counts and group lag; the real one is [`KafkaAdmin`], tests inject a fake.
@@ -589,14 +591,21 @@ async fn kafka_connection(
     p: &AnalyticsPipeline,
     ns: &str,
 ) -> Result<KafkaConnection, Error> {
-    let props = match &p.spec.kafka.secret_ref {
-        Some(s) => {
-            let secret = Api::<Secret>::namespaced(ctx.client.clone(), ns).get(&s.name).await?;
-            props_from_secret(&secret.data.unwrap_or_default())
-        }
+    let data = match &p.spec.kafka.secret_ref {
+        Some(s) => Api::<Secret>::namespaced(ctx.client.clone(), ns)
+            .get(&s.name)
+            .await?
+            .data
+            .unwrap_or_default(),
         None => BTreeMap::new(),
     };
-    Ok(KafkaConnection { brokers: p.spec.kafka.brokers.clone(), props })
+    let secret_data =
+        data.iter().map(|(k, v)| (k.clone(), String::from_utf8_lossy(&v.0).into_owned())).collect();
+    Ok(KafkaConnection {
+        brokers: p.spec.kafka.brokers.clone(),
+        props: props_from_secret(&data),
+        secret_data,
+    })
 }
 
 fn job_state(job: &Job) -> (bool, bool) {
@@ -680,12 +689,29 @@ async fn reconcile_inner(p: &AnalyticsPipeline, ctx: &Context) -> Result<Action,
                 .await?;
         }
         AutoscalerKind::Keda => {
+            // The scaler authenticates as the pods do (spec.kafka.secretRef), by reference.
+            let auth = match &p.spec.kafka.secret_ref {
+                Some(s) => resources::keda_auth(&s.name, &run.conn.secret_data)?,
+                None => None,
+            };
+            let auth_api: Api<DynamicObject> = Api::namespaced_with(
+                ctx.client.clone(),
+                &run.ns,
+                &resources::trigger_authentication_resource(),
+            );
+            let auth_name = resources::trigger_authentication_name(p);
+            match &auth {
+                Some(a) => {
+                    apply(&auth_api, &auth_name, &resources::trigger_authentication(p, a)?).await?;
+                }
+                None => delete_if_exists(&auth_api, &auth_name).await?,
+            }
             let api: Api<DynamicObject> = Api::namespaced_with(
                 ctx.client.clone(),
                 &run.ns,
                 &resources::scaled_object_resource(),
             );
-            apply(&api, &run.name, &resources::scaled_object(p, plan)?).await?;
+            apply(&api, &run.name, &resources::scaled_object(p, plan, auth.as_ref())?).await?;
         }
     }
     apply(&run.api::<PodDisruptionBudget>(), &run.name, &resources::pdb(p)?).await?;

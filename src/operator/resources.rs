@@ -44,6 +44,11 @@ pub enum BuildError {
         /// The serde error.
         source: serde_json::Error,
     },
+    /// The pipeline's Kafka Secret asks for something KEDA's Kafka scaler cannot do.
+    #[error(
+        "KEDA's Kafka scaler cannot use {0} from spec.kafka.secretRef (use SASL PLAIN or SCRAM, or autoscaling.kind hpa)"
+    )]
+    KedaAuth(String),
 }
 
 /// Replica bounds after applying the partition cap.
@@ -365,6 +370,110 @@ pub fn scaled_object_resource() -> ApiResource {
     )
 }
 
+/// API resource of KEDA's TriggerAuthentication.
+pub fn trigger_authentication_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("keda.sh", "v1alpha1", "TriggerAuthentication"),
+        "triggerauthentications",
+    )
+}
+
+/// How KEDA's Kafka scaler authenticates, derived from the pipeline's Kafka Secret (librdkafka
+/// properties in environment spelling, the ones the pods get as `KAFKA_PROPERTY_*`). `sasl` and
+/// `tls` are literals of the trigger (KEDA takes them nowhere else); credentials are references
+/// into that same Secret, so no secret value is copied into a KEDA object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KedaAuth {
+    /// The Secret the references point into.
+    pub secret: String,
+    /// KEDA's SASL mode: `plaintext`, `scram_sha256` or `scram_sha512`.
+    pub sasl: Option<&'static str>,
+    /// The brokers speak TLS.
+    pub tls: bool,
+    /// (KEDA parameter, key of the Secret), in KEDA's order.
+    pub params: Vec<(&'static str, String)>,
+}
+
+/// The scaler's authentication for a Secret's data (original key -> value); `None` for a
+/// plaintext, unauthenticated connection. `ssl.ca.location` and other file paths have no KEDA
+/// counterpart (the scaler's own trust store applies); PEM properties (`SSL_CA_PEM`,
+/// `SSL_CERTIFICATE_PEM`, `SSL_KEY_PEM`) map to `ca`, `cert`, `key`.
+pub fn keda_auth(
+    secret: &str,
+    data: &BTreeMap<String, String>,
+) -> Result<Option<KedaAuth>, BuildError> {
+    let property =
+        |name: &str| data.iter().find(|(k, _)| k.to_ascii_lowercase().replace('_', ".") == name);
+    let upper = |name: &str| property(name).map(|(_, v)| v.trim().to_ascii_uppercase());
+    let protocol = upper("security.protocol").unwrap_or_else(|| "PLAINTEXT".into());
+    let (uses_sasl, tls) = match protocol.as_str() {
+        "PLAINTEXT" => (false, false),
+        "SSL" => (false, true),
+        "SASL_PLAINTEXT" => (true, false),
+        "SASL_SSL" => (true, true),
+        other => return Err(BuildError::KedaAuth(format!("security.protocol {other}"))),
+    };
+    let sasl = if uses_sasl {
+        // librdkafka's default mechanism is GSSAPI (Kerberos), which the scaler lacks.
+        let mechanism = upper("sasl.mechanism")
+            .or_else(|| upper("sasl.mechanisms"))
+            .unwrap_or_else(|| "GSSAPI".into());
+        Some(match mechanism.as_str() {
+            "PLAIN" => "plaintext",
+            "SCRAM-SHA-256" => "scram_sha256",
+            "SCRAM-SHA-512" => "scram_sha512",
+            other => return Err(BuildError::KedaAuth(format!("sasl.mechanism {other}"))),
+        })
+    } else {
+        None
+    };
+    if sasl.is_none() && !tls {
+        return Ok(None);
+    }
+    let wanted: &[(&'static str, &str)] = &[
+        ("username", "sasl.username"),
+        ("password", "sasl.password"),
+        ("ca", "ssl.ca.pem"),
+        ("cert", "ssl.certificate.pem"),
+        ("key", "ssl.key.pem"),
+        ("keyPassword", "ssl.key.password"),
+    ];
+    let params = wanted
+        .iter()
+        .filter(|(parameter, _)| sasl.is_some() || !matches!(*parameter, "username" | "password"))
+        .filter_map(|(parameter, prop)| property(prop).map(|(key, _)| (*parameter, key.clone())))
+        .collect();
+    Ok(Some(KedaAuth { secret: secret.to_owned(), sasl, tls, params }))
+}
+
+/// Name of the TriggerAuthentication the ScaledObject's triggers refer to.
+pub fn trigger_authentication_name(p: &AnalyticsPipeline) -> String {
+    format!("{}-kafka", consumer_name(p))
+}
+
+/// The TriggerAuthentication for `auth`: each parameter a reference into the Kafka Secret.
+pub fn trigger_authentication(
+    p: &AnalyticsPipeline,
+    auth: &KedaAuth,
+) -> Result<DynamicObject, BuildError> {
+    let ar = trigger_authentication_resource();
+    let refs: Vec<Value> = auth
+        .params
+        .iter()
+        .map(|(parameter, key)| json!({"parameter": parameter, "name": auth.secret, "key": key}))
+        .collect();
+    dynamic(
+        &ar,
+        "TriggerAuthentication",
+        json!({
+            "apiVersion": ar.api_version,
+            "kind": ar.kind,
+            "metadata": metadata(p, &trigger_authentication_name(p), "consumer")?,
+            "spec": {"secretTargetRef": refs},
+        }),
+    )
+}
+
 fn dynamic(ar: &ApiResource, kind: &'static str, v: Value) -> Result<DynamicObject, BuildError> {
     let mut obj: DynamicObject = typed(kind, v)?;
     obj.types =
@@ -437,10 +546,12 @@ pub fn hpa(
     )
 }
 
-/// KEDA ScaledObject with one Kafka trigger per topic (KEDA scales on the largest).
+/// KEDA ScaledObject with one Kafka trigger per topic (KEDA scales on the largest); with `auth`
+/// the triggers carry its `sasl`/`tls` literals and refer to [`trigger_authentication`].
 pub fn scaled_object(
     p: &AnalyticsPipeline,
     plan: ReplicaPlan,
+    auth: Option<&KedaAuth>,
 ) -> Result<DynamicObject, BuildError> {
     let ar = scaled_object_resource();
     let k = &p.spec.kafka;
@@ -448,7 +559,7 @@ pub fn scaled_object(
         .topics
         .iter()
         .map(|t| {
-            json!({
+            let mut trigger = json!({
                 "type": "kafka",
                 "metadata": {
                     "bootstrapServers": k.brokers,
@@ -456,7 +567,17 @@ pub fn scaled_object(
                     "topic": t,
                     "lagThreshold": p.spec.autoscaling.lag_per_replica.to_string(),
                 },
-            })
+            });
+            if let Some(auth) = auth {
+                if let Some(sasl) = auth.sasl {
+                    trigger["metadata"]["sasl"] = json!(sasl);
+                }
+                if auth.tls {
+                    trigger["metadata"]["tls"] = json!("enable");
+                }
+                trigger["authenticationRef"] = json!({"name": trigger_authentication_name(p)});
+            }
+            trigger
         })
         .collect();
     dynamic(
@@ -508,7 +629,7 @@ pub fn render_children(
     }
     docs.push(match p.spec.autoscaling.kind {
         AutoscalerKind::Hpa => to_value(hpa(p, plan)?),
-        AutoscalerKind::Keda => to_value(scaled_object(p, plan)?),
+        AutoscalerKind::Keda => to_value(scaled_object(p, plan, None)?),
     });
     docs.push(to_value(pdb(p)?));
     if separate_api(p) {
@@ -656,12 +777,83 @@ pub(crate) mod tests {
         let relabel = &sm["spec"]["endpoints"][0]["relabelings"][0];
         assert_eq!(relabel["targetLabel"], "consumer_group");
         assert_eq!(relabel["replacement"], p.spec.kafka.group_id);
-        let so = serde_json::to_value(scaled_object(&p, plan).expect("builds")).expect("json");
+        let so =
+            serde_json::to_value(scaled_object(&p, plan, None).expect("builds")).expect("json");
         assert_eq!(so["apiVersion"], "keda.sh/v1alpha1");
         assert_eq!(so["kind"], "ScaledObject");
         assert_eq!(so["spec"]["maxReplicaCount"], 6);
         assert_eq!(so["spec"]["triggers"][0]["metadata"]["topic"], "user-events");
         assert_eq!(so["spec"]["triggers"][0]["metadata"]["lagThreshold"], "1000");
+        assert!(so["spec"]["triggers"][0].get("authenticationRef").is_none());
+    }
+
+    fn secret(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    /// The operator gives KEDA what the pods get: SASL/TLS from the Kafka Secret, by reference.
+    #[test]
+    fn keda_authenticates_like_the_pods() {
+        let p = pipeline();
+        let data = secret(&[
+            ("SECURITY_PROTOCOL", "SASL_SSL"),
+            ("SASL_MECHANISMS", "SCRAM-SHA-512"),
+            ("SASL_USERNAME", "analytics"),
+            ("SASL_PASSWORD", "hunter2"),
+            ("SSL_CA_PEM", "-----BEGIN CERTIFICATE-----"),
+        ]);
+        let auth = keda_auth("kafka-auth", &data).expect("supported").expect("needs auth");
+        assert_eq!(auth.sasl, Some("scram_sha512"));
+        assert!(auth.tls);
+        let plan = ReplicaPlan { min: 1, max: 6, capped: false };
+        let so = serde_json::to_value(scaled_object(&p, plan, Some(&auth)).expect("builds"))
+            .expect("json");
+        let t = &so["spec"]["triggers"][0];
+        assert_eq!(t["metadata"]["sasl"], "scram_sha512");
+        assert_eq!(t["metadata"]["tls"], "enable");
+        assert_eq!(t["authenticationRef"]["name"], "events-kafka");
+        let ta =
+            serde_json::to_value(trigger_authentication(&p, &auth).expect("builds")).expect("json");
+        assert_eq!(ta["kind"], "TriggerAuthentication");
+        assert_eq!(ta["metadata"]["name"], "events-kafka");
+        assert_eq!(
+            ta["spec"]["secretTargetRef"],
+            json!([
+                {"parameter": "username", "name": "kafka-auth", "key": "SASL_USERNAME"},
+                {"parameter": "password", "name": "kafka-auth", "key": "SASL_PASSWORD"},
+                {"parameter": "ca", "name": "kafka-auth", "key": "SSL_CA_PEM"},
+            ])
+        );
+        assert!(!ta.to_string().contains("hunter2"), "a reference, never the value");
+    }
+
+    #[test]
+    fn keda_auth_covers_each_protocol() {
+        assert_eq!(keda_auth("s", &secret(&[])).expect("ok"), None);
+        assert_eq!(
+            keda_auth("s", &secret(&[("SECURITY_PROTOCOL", "plaintext")])).expect("ok"),
+            None
+        );
+        let tls = keda_auth("s", &secret(&[("SECURITY_PROTOCOL", "SSL"), ("SASL_USERNAME", "u")]))
+            .expect("ok")
+            .expect("tls");
+        assert_eq!((tls.sasl, tls.tls), (None, true));
+        assert!(tls.params.is_empty(), "no SASL credentials without SASL: {:?}", tls.params);
+        let plain = keda_auth(
+            "s",
+            &secret(&[("SECURITY_PROTOCOL", "SASL_PLAINTEXT"), ("sasl_mechanism", "PLAIN")]),
+        )
+        .expect("ok")
+        .expect("sasl");
+        assert_eq!((plain.sasl, plain.tls), (Some("plaintext"), false));
+        for bad in [
+            secret(&[("SECURITY_PROTOCOL", "SASL_SSL")]),
+            secret(&[("SECURITY_PROTOCOL", "SASL_SSL"), ("SASL_MECHANISMS", "OAUTHBEARER")]),
+            secret(&[("SECURITY_PROTOCOL", "TLS")]),
+        ] {
+            let err = keda_auth("s", &bad).expect_err("unsupported").to_string();
+            assert!(err.starts_with("KEDA's Kafka scaler cannot use"), "{err}");
+        }
     }
 
     #[test]

@@ -239,6 +239,11 @@ ClusterRoleBinding, so it needs no rule here (and a Role could not hold one).
 - apiGroups: ["keda.sh"]
   resources: ["scaledobjects"]
   verbs: ["create", "patch", "delete"]
+# The scaler's credentials (SASL/TLS from spec.kafka.secretRef, by reference); deleted when the
+# Secret no longer asks for any.
+- apiGroups: ["keda.sh"]
+  resources: ["triggerauthentications"]
+  verbs: ["create", "patch", "delete"]
 # Replays wait until no consumer pod is left: a list by label selector.
 - apiGroups: [""]
   resources: ["pods"]
