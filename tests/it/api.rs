@@ -2,8 +2,6 @@
 //! inserted with SQL, requests go over TCP.
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
@@ -12,7 +10,7 @@ use secrecy::SecretString;
 use serde_json::Value;
 use sqlx::postgres::PgPoolOptions;
 
-use crate::common::TestDb;
+use crate::common::{HttpResponse, TestDb, http};
 
 /// 250 events on 2026-03-01 (four share each timestamp, 17 minutes apart, 3 types, 7 users,
 /// 2 services) and 10 on 2026-03-03 (the first without data); event_counts filled from them.
@@ -110,40 +108,26 @@ impl ApiServer {
     }
 }
 
-struct Response {
-    status: u16,
-    head: String,
-    body: String,
+type Response = HttpResponse;
+
+trait Answer {
+    fn json(&self) -> Value;
+    fn header(&self, name: &str) -> Option<String>;
 }
 
-impl Response {
+impl Answer for Response {
     fn json(&self) -> Value {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
 
     fn header(&self, name: &str) -> Option<String> {
-        self.head.lines().find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
-        })
+        self.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned)
     }
 }
 
-/// A minimal HTTP/1.0 request with extra headers.
+/// A request with extra headers; the API must answer.
 fn request(port: u16, method: &str, path: &str, headers: &[(&str, &str)]) -> Response {
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
-    stream.set_read_timeout(Some(Duration::from_secs(15))).expect("timeout");
-    let mut req = format!("{method} {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    stream.write_all(req.as_bytes()).expect("write");
-    let mut raw = String::new();
-    stream.read_to_string(&mut raw).expect("read");
-    let (head, body) = raw.split_once("\r\n\r\n").expect("HTTP response");
-    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("status");
-    Response { status, head: head.to_string(), body: body.to_string() }
+    http(port, method, path, headers).unwrap_or_else(|| panic!("{method} {path}: no answer"))
 }
 
 fn seeded() -> TestDb {

@@ -7,7 +7,7 @@
 //! (Kafka's jars, read by `scripts/kafka node`), `TEST_DATABASE_URL` (an admin URL that may
 //! create databases), `PG_BIN_DIR` (initdb, pg_ctl).
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -1147,15 +1147,41 @@ pub fn parse_metric(body: &str, series: &str) -> Option<f64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// A minimal HTTP/1.0 GET, to keep test dependencies small.
+/// GET `path` on 127.0.0.1:`port`: (status code, body), or None when nothing answers.
 pub fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream =
-        TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_secs(1)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).ok()?;
-    let code = response.split_whitespace().nth(1)?.parse().ok()?;
-    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-    Some((code, body))
+    http(port, "GET", path, &[]).map(|r| (r.status, r.body))
+}
+
+/// An HTTP answer, read whole.
+pub struct HttpResponse {
+    /// The status code.
+    pub status: u16,
+    /// The response headers.
+    pub headers: reqwest::header::HeaderMap,
+    /// The body as text.
+    pub body: String,
+}
+
+/// One request to 127.0.0.1:`port` (reqwest's blocking client; no connection is reused, so a
+/// restarted server never meets a stale one); None when nothing answers in time.
+pub fn http(port: u16, method: &str, path: &str, headers: &[(&str, &str)]) -> Option<HttpResponse> {
+    static CLIENT: std::sync::OnceLock<reqwest::blocking::Client> = std::sync::OnceLock::new();
+    let client = CLIENT.get_or_init(|| {
+        reqwest::blocking::Client::builder()
+            .connect_timeout(Duration::from_secs(1))
+            .timeout(Duration::from_secs(15))
+            .pool_max_idle_per_host(0)
+            .build()
+            .expect("an HTTP client")
+    });
+    let method = reqwest::Method::from_bytes(method.as_bytes()).ok()?;
+    let mut request = client.request(method, format!("http://127.0.0.1:{port}{path}"));
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = request.send().ok()?;
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let body = response.text().ok()?;
+    Some(HttpResponse { status, headers, body })
 }
