@@ -25,12 +25,7 @@ fn produce_compressed(bootstrap: &str, topic: &str, codec: &str, count: u64, see
 
 #[test]
 fn records_of_every_codec_are_stored() {
-    let broker = Broker::start();
-    let topic = unique("codecs");
-    broker.create_topic(&topic, 2);
-    broker.create_topic(&format!("{topic}.dlq"), 1);
-    let db = TestDb::create();
-    let bootstrap = broker.bootstrap();
+    let Fixture { bootstrap, db, topic, .. } = Fixture::new("codecs", 2);
     // zstd in the middle: before the fix its batches stopped their partitions, so the records
     // produced after them (whatever their codec) never arrived either.
     let mut produced = 0;

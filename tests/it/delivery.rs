@@ -8,62 +8,9 @@ use crate::common::*;
 
 const PARTITIONS: u32 = 4;
 
-struct Setup {
-    broker: Broker,
-    bootstrap: String,
-    db: TestDb,
-    topic: String,
-    dlq: String,
-    group: String,
-}
-
-impl Setup {
-    fn new() -> Self {
-        let broker = Broker::start();
-        let topic = unique("events");
-        let dlq = format!("{topic}.dlq");
-        broker.create_topic(&topic, PARTITIONS);
-        broker.create_topic(&dlq, 1);
-        let bootstrap = broker.bootstrap();
-        Self { broker, bootstrap, db: TestDb::create(), topic, dlq, group: unique("group") }
-    }
-
-    fn env(&self) -> Vec<(&str, &str)> {
-        vec![
-            ("KAFKA_BROKERS", &self.bootstrap),
-            ("KAFKA_TOPICS", &self.topic),
-            ("KAFKA_DLQ_TOPIC", &self.dlq),
-            ("KAFKA_GROUP_ID", &self.group),
-            ("DATABASE_URL", &self.db.url),
-        ]
-    }
-
-    fn service(&self) -> Service {
-        Service::start(&self.env())
-    }
-
-    fn wait_rows(&self, n: i64, timeout: Duration) -> bool {
-        wait_until(timeout, || self.db.rows() >= n)
-    }
-
-    fn assert_exactly(&self, n: i64) {
-        assert_eq!(self.db.rows(), n, "rows");
-        assert_eq!(self.db.distinct_coordinates(), n, "distinct coordinates");
-        assert_eq!(
-            self.db.aggregate_mismatches(),
-            0,
-            "event_counts equal COUNT(*) per minute/type/service"
-        );
-        assert_eq!(
-            self.db.scalar("SELECT coalesce(sum(count), 0)::bigint FROM analytics.event_counts"),
-            n
-        );
-    }
-}
-
 #[test]
 fn every_event_is_stored_exactly_once_even_when_replayed() {
-    let s = Setup::new();
+    let s = Fixture::new("events", PARTITIONS);
     let produced = produce_demo(&s.broker.bootstrap(), &s.topic, 5000, 0, 1) as i64;
     let svc = s.service();
     assert!(
@@ -97,7 +44,7 @@ fn every_event_is_stored_exactly_once_even_when_replayed() {
 
 #[test]
 fn sigkill_mid_stream_loses_and_doubles_nothing() {
-    let s = Setup::new();
+    let s = Fixture::new("events", PARTITIONS);
     let mut svc = s.service();
     svc.wait_ready(Duration::from_secs(30));
     let bootstrap = s.broker.bootstrap();
@@ -122,7 +69,7 @@ fn sigkill_mid_stream_loses_and_doubles_nothing() {
 
 #[test]
 fn sigterm_drains_commits_and_exits_zero() {
-    let s = Setup::new();
+    let s = Fixture::new("events", PARTITIONS);
     let mut svc = s.service();
     svc.wait_ready(Duration::from_secs(30));
     let bootstrap = s.broker.bootstrap();
@@ -149,7 +96,7 @@ fn sigterm_drains_commits_and_exits_zero() {
 
 #[test]
 fn two_instances_split_the_partitions_and_store_each_event_once() {
-    let s = Setup::new();
+    let s = Fixture::new("events", PARTITIONS);
     let a = s.service();
     let b = s.service();
     a.wait_ready(Duration::from_secs(40));

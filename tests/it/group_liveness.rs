@@ -19,13 +19,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 
 #[test]
 fn livez_fails_while_the_member_cannot_join_a_steady_group_and_recovers() {
-    let broker = Broker::start();
-    let topic = unique("group");
-    broker.create_topic(&topic, 2);
-    broker.create_topic(&format!("{topic}.dlq"), 1);
-    let db = TestDb::create();
-    let bootstrap = broker.bootstrap();
-    let group = unique("group");
+    let Fixture { bootstrap, db, topic, group, .. } = Fixture::new("group", 2);
 
     // The member that holds the group with another protocol.
     let stop = Arc::new(AtomicBool::new(false));

@@ -78,11 +78,7 @@ impl Drop for Prometheus {
 
 #[test]
 fn a_real_prometheus_scrapes_rates_lag_and_stored_total() {
-    let broker = Broker::start();
-    let topic = unique("events");
-    broker.create_topic(&topic, 3);
-    broker.create_topic(&format!("{topic}.dlq"), 1);
-    let db = TestDb::create();
+    let Fixture { broker, db, topic, .. } = Fixture::new("events", 3);
     let svc = Service::consuming(&broker.bootstrap(), &topic, &db.url, &[]);
     svc.wait_ready(Duration::from_secs(30));
     let prom = Prometheus::scraping(svc.port);

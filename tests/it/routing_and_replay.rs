@@ -88,15 +88,8 @@ fn rules_skip_forward_and_store_in_order() {
 
 #[test]
 fn replay_is_refused_with_a_live_member_and_reconsumes_without_duplicates_when_applied() {
-    let broker = Broker::start();
-    let topic = unique("events");
-    broker.create_topic(&topic, 3);
-    broker.create_topic(&format!("{topic}.dlq"), 1);
-    let db = TestDb::create();
-    let produced = produce_demo(&broker.bootstrap(), &topic, 3000, 0, 21) as i64;
-    let bootstrap = broker.bootstrap();
-    let group = unique("group");
-    let dlq = format!("{topic}.dlq");
+    let Fixture { bootstrap, db, topic, dlq, group, .. } = Fixture::new("events", 3);
+    let produced = produce_demo(&bootstrap, &topic, 3000, 0, 21) as i64;
     let env = [
         ("KAFKA_BROKERS", bootstrap.as_str()),
         ("KAFKA_TOPICS", topic.as_str()),

@@ -61,12 +61,7 @@ fn uncommitted_count(bootstrap: &str, topic: &str, expected: usize) -> usize {
 
 #[test]
 fn aborted_records_are_never_stored_and_open_transactions_hold_later_records_back() {
-    let broker = Broker::start();
-    let topic = unique("txn");
-    broker.create_topic(&topic, 1);
-    broker.create_topic(&format!("{topic}.dlq"), 1);
-    let db = TestDb::create();
-    let bootstrap = broker.bootstrap();
+    let Fixture { bootstrap, db, topic, .. } = Fixture::new("txn", 1);
 
     let txn = producer(&bootstrap, Some(&unique("tx")));
     txn.init_transactions(TIMEOUT).expect("init_transactions");

@@ -7,6 +7,9 @@
 //! (Kafka's jars, read by `scripts/kafka node`), `TEST_DATABASE_URL` (an admin URL that may
 //! create databases), `PG_BIN_DIR` (initdb, pg_ctl).
 
+mod fixture;
+pub use fixture::Fixture;
+
 use std::io::Write;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
