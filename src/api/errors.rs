@@ -9,6 +9,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::OVERLOAD_RETRY_AFTER_SECS;
+use crate::storage::sqlstate;
 
 /// Machine-readable error kinds; stable across versions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
@@ -113,19 +114,14 @@ impl ApiError {
         match e {
             sqlx::Error::Database(db) => {
                 let code = db.code().unwrap_or_default();
-                if code == "57014" {
+                if code == sqlstate::QUERY_CANCELED {
                     tracing::warn!(error = %description, "query API: statement timeout");
                     return Self::unavailable(format!(
                         "the query took longer than {} ms; narrow the time range or add filters",
                         statement_timeout.as_millis()
                     ));
                 }
-                // 08 connection, 28 login refused, 3D no such database, 53 resources, 57 operator
-                // intervention (shutdown), 40 transaction conflicts (hot standbys), 42P01 a table
-                // missing before migrations ran: none of them is the request's fault.
-                if ["08", "28", "3D", "53", "57", "40"].iter().any(|c| code.starts_with(c))
-                    || code == "42P01"
-                {
+                if sqlstate::unavailable(&code) {
                     tracing::warn!(error = %description, "query API: database unavailable");
                     return Self::unavailable("database unavailable; retry later");
                 }

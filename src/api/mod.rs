@@ -56,7 +56,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use http_body::Body as HttpBody;
 use sqlx::PgPool;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::postgres::PgConnectOptions;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use secrecy::{ExposeSecret, SecretString};
@@ -200,11 +200,7 @@ pub fn read_pool(url: &str, max_connections: u32) -> Result<PgPool, sqlx::Error>
         ("default_transaction_read_only", "on"),
         ("statement_timeout", timeout_ms.as_str()),
     ]);
-    Ok(PgPoolOptions::new()
-        .max_connections(max_connections.max(1))
-        .min_connections(0)
-        .acquire_timeout(Duration::from_secs(3))
-        .connect_lazy_with(options))
+    Ok(crate::storage::lazy_pool(options, max_connections))
 }
 
 // ----------------------------------------------------------------------------------- router

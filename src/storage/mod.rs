@@ -18,6 +18,7 @@
 //!   offending rows are isolated; the rest is stored.
 
 pub mod partitions;
+pub mod sqlstate;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -91,9 +92,6 @@ SELECT (SELECT count(*) FROM inserted)
 "#
 );
 
-/// SQLSTATE unique_violation: the batch holds a record that is already stored.
-const UNIQUE_VIOLATION: &str = "23505";
-
 /// An event with the Kafka coordinates that make its write idempotent.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoredEvent {
@@ -162,11 +160,7 @@ impl EventStore {
         let options: PgConnectOptions = url.parse().map_err(|e: sqlx::Error| {
             StorageError::Unavailable(format!("bad DATABASE_URL: {}", describe_error(&e)))
         })?;
-        let pool = PgPoolOptions::new()
-            .max_connections(pool_size)
-            .min_connections(0)
-            .acquire_timeout(Duration::from_secs(3))
-            .connect_lazy_with(options.application_name("nexus-analytics"));
+        let pool = lazy_pool(options.application_name("nexus-analytics"), pool_size);
         Ok(Self { pool, write_timeout, expect_duplicates: Arc::new(AtomicBool::new(false)) })
     }
 
@@ -249,7 +243,9 @@ impl EventStore {
         match self.run(query).await {
             Ok(inserted) => Ok(inserted),
             Err(Failed::Db(e)) => match &e {
-                sqlx::Error::Database(db) if db.code().as_deref() == Some(UNIQUE_VIOLATION) => {
+                sqlx::Error::Database(db)
+                    if db.code().as_deref() == Some(sqlstate::UNIQUE_VIOLATION) =>
+                {
                     Err(FastFailure::Duplicate)
                 }
                 _ => Err(FastFailure::Other(classify(&e))),
@@ -378,7 +374,7 @@ fn classify(e: &sqlx::Error) -> Failure {
         sqlx::Error::Database(db) => {
             let code = db.code().unwrap_or_default();
             let message = format!("{} (SQLSTATE {code})", db.message());
-            if code.starts_with("22") || code.starts_with("23") || code.starts_with("54") {
+            if sqlstate::data_at_fault(&code) {
                 Failure::Rejected(message)
             } else {
                 Failure::Unavailable(message)
@@ -387,6 +383,16 @@ fn classify(e: &sqlx::Error) -> Failure {
         sqlx::Error::Encode(err) => Failure::Rejected(err.to_string()),
         other => Failure::Unavailable(describe_error(other)),
     }
+}
+
+/// A pool that connects on first use (start-up never waits for the database) and gives up
+/// acquiring a connection after 3 s; the write pool and the query API's read pool.
+pub fn lazy_pool(options: PgConnectOptions, max_connections: u32) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(max_connections.max(1))
+        .min_connections(0)
+        .acquire_timeout(Duration::from_secs(3))
+        .connect_lazy_with(options)
 }
 
 /// A description of an sqlx error that never includes connection strings; shared by every
