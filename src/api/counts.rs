@@ -9,7 +9,7 @@ use sqlx::postgres::Postgres;
 use sqlx::{QueryBuilder, Row};
 use utoipa::{IntoParams, ToSchema};
 
-use super::errors::{ApiError, ErrorBody};
+use super::errors::{ApiError, CommonErrors, ErrorBody};
 use super::params::{QueryParams, check_range};
 use super::{ApiState, read_only};
 
@@ -158,10 +158,7 @@ pub(super) struct CountsResponse {
     responses(
         (status = 200, description = "The series", body = CountsResponse),
         (status = 400, description = "A bad parameter, a range too long for the bucket, or too many points (named in `error.parameter`)", body = ErrorBody),
-        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
-        (status = 500, description = "Unexpected failure", body = ErrorBody),
-        (status = 503, description = "`unavailable`: the database is down or the query too slow; `overloaded`: too many requests at once, retry after `Retry-After` seconds", body = ErrorBody,
-            headers(("Retry-After" = u64, description = "With `overloaded`: seconds to wait before retrying")))
+        CommonErrors
     ),
     security(("bearer" = []))
 )]

@@ -198,3 +198,23 @@ pub(super) async fn method_not_allowed() -> ApiError {
         parameter: None,
     }
 }
+
+/// The error answers every data endpoint shares, for the OpenAPI document (`responses(...,
+/// CommonErrors)`); the 400 stays with each endpoint, whose description says what it checks.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)] // only its derive is used
+pub(super) enum CommonErrors {
+    /// Missing or wrong bearer token.
+    #[response(status = 401, description = "Missing or wrong bearer token")]
+    Unauthorized(ErrorBody),
+    /// Unexpected failure.
+    #[response(status = 500, description = "Unexpected failure")]
+    Internal(ErrorBody),
+    /// The database cannot answer now, or too many requests.
+    #[response(
+        status = 503,
+        description = "`unavailable`: the database is down or the query too slow; `overloaded`: too many requests at once, retry after `Retry-After` seconds",
+        headers(("Retry-After" = u64, description = "With `overloaded`: seconds to wait before retrying"))
+    )]
+    Unavailable(ErrorBody),
+}

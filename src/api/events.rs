@@ -19,7 +19,7 @@ use sqlx::postgres::{PgRow, Postgres};
 use sqlx::{QueryBuilder, Row};
 use utoipa::{IntoParams, ToSchema};
 
-use super::errors::{ApiError, ErrorBody};
+use super::errors::{ApiError, CommonErrors, ErrorBody};
 use super::params::{Cursor, QueryParams, check_range, checked_text};
 use super::{ApiState, read_only};
 
@@ -378,10 +378,7 @@ impl IntoResponse for JsonBytes {
     responses(
         (status = 200, description = "A page of events", body = EventsPage),
         (status = 400, description = "A bad parameter (named in `error.parameter`)", body = ErrorBody),
-        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
-        (status = 500, description = "Unexpected failure", body = ErrorBody),
-        (status = 503, description = "`unavailable`: the database is down or the query too slow; `overloaded`: too many requests at once, retry after `Retry-After` seconds", body = ErrorBody,
-            headers(("Retry-After" = u64, description = "With `overloaded`: seconds to wait before retrying")))
+        CommonErrors
     ),
     security(("bearer" = []))
 )]
@@ -419,10 +416,7 @@ pub(super) async fn list_events(
     responses(
         (status = 200, description = "A page of the user's events (empty for an unknown user)", body = TimelinePage),
         (status = 400, description = "A bad parameter (named in `error.parameter`)", body = ErrorBody),
-        (status = 401, description = "Missing or wrong bearer token", body = ErrorBody),
-        (status = 500, description = "Unexpected failure", body = ErrorBody),
-        (status = 503, description = "`unavailable`: the database is down or the query too slow; `overloaded`: too many requests at once, retry after `Retry-After` seconds", body = ErrorBody,
-            headers(("Retry-After" = u64, description = "With `overloaded`: seconds to wait before retrying")))
+        CommonErrors
     ),
     security(("bearer" = []))
 )]

@@ -104,7 +104,15 @@ mod tests {
             doc["components"]["schemas"]["Truncated"]["enum"],
             serde_json::json!(["byte_budget"])
         );
-        let overload = &doc["paths"]["/api/v1/events"]["get"]["responses"]["503"];
-        assert!(overload["headers"]["Retry-After"].is_object(), "{overload}");
+        for path in ["/api/v1/events", "/api/v1/stats/counts", "/api/v1/users/{user_id}/timeline"] {
+            let responses = &doc["paths"][path]["get"]["responses"];
+            for code in ["200", "400", "401", "500", "503"] {
+                assert!(responses[code]["description"].is_string(), "{path} {code}: {responses}");
+            }
+            let error = &responses["401"]["content"]["application/json"]["schema"]["$ref"];
+            assert_eq!(error, "#/components/schemas/ErrorBody", "{path}");
+            let overload = &responses["503"];
+            assert!(overload["headers"]["Retry-After"].is_object(), "{path}: {overload}");
+        }
     }
 }
