@@ -108,22 +108,44 @@ _as_operator_crds() {
     touch "$PROM_OPERATOR_CRDS/.complete"
 }
 
+# KEDA's CRDs at the pinned version, from its module (the operator's controllers watch all
+# of them: ScaledObjects, ScaledJobs, (Cluster)TriggerAuthentications, CloudEventSources).
+KEDA_CRDS="$AUTOSCALE_CACHE/keda-crd-$KEDA_VERSION"
+_as_keda_crds() {
+    [[ -f "$KEDA_CRDS/.complete" ]] && return 0
+    local src
+    src="$(cd "$AUTOSCALE_CACHE/src/keda-operator" && GOTOOLCHAIN=local GOFLAGS=-mod=mod \
+        go list -m -f '{{.Dir}}' github.com/kedacore/keda/v2)"
+    [[ -d "$src/config/crd/bases" ]] || die "autoscale-tools: no CRDs in $src"
+    rm -rf "$KEDA_CRDS"
+    mkdir -p "$KEDA_CRDS"
+    cp "$src/config/crd/bases/"*.yaml "$KEDA_CRDS/"
+    chmod -R u+w "$KEDA_CRDS"
+    touch "$KEDA_CRDS/.complete"
+}
+
 # install_autoscale_tools: build what is missing (KEDA last: the largest tree), link
 # every built binary into .tools/bin; fails naming the tools that did not build.
+# NEXUS_AUTOSCALE_TOOLS (comma-separated names, e.g. keda-operator,keda-adapter) limits
+# it to those: scripts/e2e-autoscale --kind keda needs only KEDA.
 install_autoscale_tools() {
     local t name module version pkg extra tags failed=()
     have go || die "autoscale-tools: go not found"
     [[ -x /usr/bin/time ]] || apt_ensure time
     mkdir -p "$AUTOSCALE_BIN" "$TOOLS_BIN"
+    local only=",${NEXUS_AUTOSCALE_TOOLS:-},"
     for t in "${AUTOSCALE_TOOLS[@]}"; do
         name=$(_as_field "$t" 0) module=$(_as_field "$t" 1) version=$(_as_field "$t" 2) pkg=$(_as_field "$t" 3)
         extra=$(_as_field "$t" 4) tags=$(_as_field "$t" 5)
+        [[ $only == ",," || $only == *",$name,"* ]] || continue
         if ! autoscale_tool_ok "$name" "$version"; then
             _as_build "$name" "$module" "$version" "$pkg" "$extra" "$tags" || { failed+=("$name"); continue; }
         fi
         ln -sfn "$AUTOSCALE_BIN/$name" "$TOOLS_BIN/$name"
     done
-    [[ -d "$AUTOSCALE_CACHE/src/prometheus-operator" ]] && _as_operator_crds
+    [[ -x "$AUTOSCALE_BIN/prometheus-operator" ]] && _as_operator_crds
+    [[ -x "$AUTOSCALE_BIN/keda-operator" ]] && _as_keda_crds
     ((${#failed[@]} == 0)) || die "autoscale-tools: not built: ${failed[*]} (see $AUTOSCALE_BUILD_LOG)"
+    [[ $only == ",," ]] || { ok "autoscale-tools: ${NEXUS_AUTOSCALE_TOOLS} ($AUTOSCALE_BIN)"; return 0; }
     ok "autoscale-tools: prometheus-operator $PROM_OPERATOR_VERSION, prometheus $PROMETHEUS_RELEASE, prometheus-adapter $PROM_ADAPTER_VERSION, skaffold $SKAFFOLD_VERSION, keda $KEDA_VERSION ($AUTOSCALE_BIN)"
 }
