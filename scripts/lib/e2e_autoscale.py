@@ -19,8 +19,14 @@ On the local control plane (scripts/cluster up) and real Kafka/PostgreSQL:
    timeline is printed, plotted to target/autoscale/, and the last line is
    `AUTOSCALE kind=hpa ...`. rows (COUNT(*) in PostgreSQL) must equal produced.
 
+With --kind keda, steps 2 and 3 are KEDA's instead: the chart renders a ScaledObject (one
+Kafka trigger per topic); the real keda-operator (on the host, reading lag straight from
+the broker) and the real keda-adapter (its metrics server, in the network namespace, mTLS
+to the operator's gRPC service through the bridge) serve v1beta1.external.metrics.k8s.io,
+and the HPA KEDA creates (keda-hpa-<name>) scales the Deployment. Same scenario, same line.
+
 Environment (set by the wrapper): KUBECONFIG, K8S_STATE (.tools/run/k8s), TOOLS_BIN,
-NEXUS_ANALYTICS_BIN, PROM_OPERATOR_CRDS, SCHEMAS_DIR, KAFKA_BROKERS, DATABASE_URL (the dev database,
+NEXUS_ANALYTICS_BIN, PROM_OPERATOR_CRDS, KEDA_CRDS, SCHEMAS_DIR, KAFKA_BROKERS, DATABASE_URL (the dev database,
 used to create the test's own), E2E_KEEP=1 keeps namespaces, topic and database.
 """
 
@@ -134,6 +140,10 @@ class Scenario:
         self.prom_port = free_port()
         self.prom = f"http://127.0.0.1:{self.prom_port}"
         self.fullname = f"{RELEASE}-nexus-analytics"
+        self.kind = args.kind
+        # The HPA the scenario watches: the chart's, or the one KEDA creates for the ScaledObject.
+        self.hpa_name = self.fullname if self.kind == "hpa" else f"keda-hpa-{self.fullname}"
+        self.grpc_port = free_port()
         self.timeline: list[dict] = []
         self.result: dict = {}
         self.proofs: list[str] = []
@@ -223,6 +233,20 @@ class Scenario:
     # ------------------------------------------------------------ chart + pods
     def values(self) -> dict:
         a = self.args
+        autoscaling = {
+            "enabled": True, "kind": self.kind, "minReplicas": 1, "maxReplicas": a.partitions,
+            "lagPerReplica": a.lag_per_replica,
+            # The chart's behaviour with shortened windows and periods.
+            "behavior": {
+                "scaleUp": {"stabilizationWindowSeconds": 0, "selectPolicy": "Min",
+                            "policies": [{"type": "Pods", "value": 2, "periodSeconds": 15},
+                                         {"type": "Percent", "value": 100, "periodSeconds": 15}]},
+                "scaleDown": {"stabilizationWindowSeconds": a.scale_down_window, "selectPolicy": "Min",
+                              "policies": [{"type": "Pods", "value": 2, "periodSeconds": 15}]},
+            },
+        }
+        if self.kind == "keda":
+            autoscaling["keda"] = {"pollingInterval": 5, "cooldownPeriod": 30}
         return {
             "image": {"tag": "e2e"},
             "kafka": {"brokers": KAFKA, "topics": [self.topic], "groupId": self.group,
@@ -236,18 +260,7 @@ class Scenario:
                                "interval": "5s", "scrapeTimeout": "4s"},
             "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}},
             "podDisruptionBudget": {"enabled": False},
-            "autoscaling": {
-                "enabled": True, "kind": "hpa", "minReplicas": 1, "maxReplicas": a.partitions,
-                "lagPerReplica": a.lag_per_replica,
-                # The chart's behaviour with shortened windows and periods.
-                "behavior": {
-                    "scaleUp": {"stabilizationWindowSeconds": 0, "selectPolicy": "Min",
-                                "policies": [{"type": "Pods", "value": 2, "periodSeconds": 15},
-                                             {"type": "Percent", "value": 100, "periodSeconds": 15}]},
-                    "scaleDown": {"stabilizationWindowSeconds": a.scale_down_window, "selectPolicy": "Min",
-                                  "policies": [{"type": "Pods", "value": 2, "periodSeconds": 15}]},
-                },
-            },
+            "autoscaling": autoscaling,
         }
 
     def install_chart(self) -> None:
@@ -383,13 +396,17 @@ class Scenario:
         log(f"PROOF metrics+rules: {self.proofs[-1]}")
 
     # ------------------------------------------------------------ adapter
-    def adapter_certs(self) -> tuple[Path, Path]:
-        d = self.run_dir / "adapter-pki"
+    def adapter_certs(self, service: str = "prometheus-adapter", extra_dns: tuple[str, ...] = (),
+                      client: bool = False) -> tuple[Path, Path]:
+        """A serving certificate for `service` signed by the cluster CA (the APIService's
+        caBundle); `client` adds clientAuth (KEDA's mTLS between adapter and operator)."""
+        d = self.run_dir / f"{service}-pki"
         d.mkdir(exist_ok=True)
         key, csr, crt, ext = d / "tls.key", d / "tls.csr", d / "tls.crt", d / "ext.cnf"
-        svc = f"prometheus-adapter.{self.ns}.svc"
-        ext.write_text(f"subjectAltName=DNS:{svc},DNS:prometheus-adapter.{self.ns},IP:{ADAPTER_IP}\n"
-                       "extendedKeyUsage=serverAuth\n")
+        svc = f"{service}.{self.ns}.svc"
+        dns = ",".join(f"DNS:{n}" for n in (svc, f"{service}.{self.ns}", *extra_dns))
+        ext.write_text(f"subjectAltName={dns},IP:{ADAPTER_IP},IP:127.0.0.1\n"
+                       f"extendedKeyUsage=serverAuth{',clientAuth' if client else ''}\n")
         run("openssl", "req", "-new", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-subj",
             f"/CN={svc}", "-out", str(csr))
         run("openssl", "x509", "-req", "-in", str(csr), "-CA", str(PKI / "ca.crt"), "-CAkey", str(PKI / "ca.key"),
@@ -419,26 +436,7 @@ class Scenario:
             f"--prometheus-url=http://127.0.0.1:{self.prom_port}/", "--metrics-relist-interval=10s",
             f"--config={cfg}", "--v=2",
         ]))
-        ca = base64.b64encode((PKI / "ca.crt").read_bytes()).decode()
-        apply({"apiVersion": "v1", "kind": "Service",
-               "metadata": {"name": "prometheus-adapter", "namespace": self.ns},
-               "spec": {"ports": [{"name": "https", "port": 443, "targetPort": 6443}]}})
-        apply({"apiVersion": "v1", "kind": "Endpoints",
-               "metadata": {"name": "prometheus-adapter", "namespace": self.ns},
-               "subsets": [{"addresses": [{"ip": ADAPTER_IP}], "ports": [{"name": "https", "port": 6443}]}]})
-        apply({"apiVersion": "apiregistration.k8s.io/v1", "kind": "APIService",
-               "metadata": {"name": "v1beta1.external.metrics.k8s.io"},
-               "spec": {"group": "external.metrics.k8s.io", "version": "v1beta1", "groupPriorityMinimum": 100,
-                        "versionPriority": 100, "caBundle": ca,
-                        "service": {"name": "prometheus-adapter", "namespace": self.ns, "port": 443}}})
-
-        def available():
-            self.check_alive("prometheus-adapter")
-            s = kjson("get", "apiservice", "v1beta1.external.metrics.k8s.io")
-            c = {x["type"]: x for x in s.get("status", {}).get("conditions", [])}
-            return c.get("Available", {}).get("status") == "True"
-
-        wait_until("APIService v1beta1.external.metrics.k8s.io Available", available, 120, 2)
+        self.register_external_metrics("prometheus-adapter")
         path = (f"/apis/external.metrics.k8s.io/v1beta1/namespaces/{self.ns}/nexus_analytics_consumer_lag"
                 f"?labelSelector=consumer_group%3D{self.group}")
 
@@ -450,9 +448,100 @@ class Scenario:
         self.proofs.append(f"apiservice=Available endpoint={ADAPTER_IP}:6443 external_metric={items[0]['value']}")
         log(f"PROOF adapter: {self.proofs[-1]}")
 
+    def register_external_metrics(self, service: str) -> None:
+        """`service` (listening on ADAPTER_IP:6443 in its network namespace) becomes
+        v1beta1.external.metrics.k8s.io: a Service without selector, Endpoints at the
+        namespace's address, the APIService with the cluster CA; waits until Available."""
+        ca = base64.b64encode((PKI / "ca.crt").read_bytes()).decode()
+        apply({"apiVersion": "v1", "kind": "Service",
+               "metadata": {"name": service, "namespace": self.ns},
+               "spec": {"ports": [{"name": "https", "port": 443, "targetPort": 6443}]}})
+        apply({"apiVersion": "v1", "kind": "Endpoints",
+               "metadata": {"name": service, "namespace": self.ns},
+               "subsets": [{"addresses": [{"ip": ADAPTER_IP}], "ports": [{"name": "https", "port": 6443}]}]})
+        apply({"apiVersion": "apiregistration.k8s.io/v1", "kind": "APIService",
+               "metadata": {"name": "v1beta1.external.metrics.k8s.io"},
+               "spec": {"group": "external.metrics.k8s.io", "version": "v1beta1", "groupPriorityMinimum": 100,
+                        "versionPriority": 100, "caBundle": ca,
+                        "service": {"name": service, "namespace": self.ns, "port": 443}}})
+
+        def available():
+            self.check_alive(service)
+            s = kjson("get", "apiservice", "v1beta1.external.metrics.k8s.io")
+            c = {x["type"]: x for x in s.get("status", {}).get("conditions", [])}
+            return c.get("Available", {}).get("status") == "True"
+
+        wait_until("APIService v1beta1.external.metrics.k8s.io Available", available, 120, 2)
+
+    # ------------------------------------------------------------ keda
+    def apply_keda_crds(self) -> None:
+        """KEDA's own CRDs at the pinned version (the chart's ScaledObject needs them first);
+        without the built tools (--until pods) the two of ../shared/schemas/keda."""
+        crds = Path(os.environ.get("KEDA_CRDS") or SCHEMAS / "keda")
+        if not crds.is_dir():
+            crds = SCHEMAS / "keda"
+        for f in sorted(crds.glob("*.yaml")):
+            kubectl("apply", "--server-side", "--force-conflicts", "-f", str(f))
+
+    def start_keda(self) -> None:
+        """KEDA's CRDs, its operator on the host (Kafka lag straight from the broker, the
+        gRPC metrics service on 127.0.0.1) and its metrics server in the network namespace,
+        mTLS between the two with one certificate signed by the cluster CA."""
+        crt, key = self.adapter_certs("keda-metrics-apiserver", (f"keda-operator.{self.ns}.svc",), client=True)
+        certs = crt.parent
+        (certs / "ca.crt").write_bytes((PKI / "ca.crt").read_bytes())
+        kubeconfig = os.environ["KUBECONFIG"]
+        env = dict(os.environ, KUBECONFIG=kubeconfig, WATCH_NAMESPACE=self.ns, POD_NAMESPACE=self.ns,
+                   KEDA_CLUSTER_OBJECT_NAMESPACE=self.ns)
+        self.spawn("keda-operator", [
+            str(TOOLS / "keda-operator"), "--leader-elect=false", "--enable-cert-rotation=false",
+            f"--cert-dir={certs}",
+            f"--metrics-service-bind-address=127.0.0.1:{self.grpc_port}",
+            f"--metrics-bind-address=127.0.0.1:{free_port()}",
+            f"--health-probe-bind-address=127.0.0.1:{free_port()}", "--zap-log-level=info",
+        ], env=env)
+        self.adapter_net = netns.PodNet("keda-metrics-apiserver", ADAPTER_IP).up()
+        self.bridge = netns.Bridge()
+        self.bridge.add(self.adapter_net.ns, self.apiserver_port)
+        self.bridge.add(self.adapter_net.ns, self.grpc_port)
+        self.spawn("keda-metrics-apiserver", self.adapter_net.exec_argv([
+            "env", f"KUBECONFIG={kubeconfig}", f"WATCH_NAMESPACE={self.ns}", f"POD_NAMESPACE={self.ns}",
+            f"KEDA_CLUSTER_OBJECT_NAMESPACE={self.ns}",
+            str(TOOLS / "keda-adapter"),
+            "--secure-port=6443", f"--bind-address={ADAPTER_IP}", f"--cert-dir={certs}",
+            f"--tls-cert-file={crt}", f"--tls-private-key-file={key}",
+            f"--lister-kubeconfig={kubeconfig}", f"--authentication-kubeconfig={kubeconfig}",
+            f"--authorization-kubeconfig={kubeconfig}",
+            f"--metrics-service-address=127.0.0.1:{self.grpc_port}",
+            f"--metrics-service-grpc-authority=keda-operator.{self.ns}.svc",
+            "--port=8080", "--zap-log-level=info",
+        ]))
+        self.register_external_metrics("keda-metrics-apiserver")
+
+        def keda_hpa():
+            self.check_alive("keda-operator", "keda-metrics-apiserver")
+            h = kjson("get", "hpa", self.hpa_name, "-n", self.ns)
+            ext = h["spec"]["metrics"][0]["external"]["metric"]
+            return ext["name"], ext.get("selector", {}).get("matchLabels", {})
+
+        name, labels = wait_until(f"KEDA's HPA {self.hpa_name} for the ScaledObject", keda_hpa, 120, 2)
+        selector = urllib.parse.quote(",".join(f"{k}={v}" for k, v in labels.items()))
+        path = f"/apis/external.metrics.k8s.io/v1beta1/namespaces/{self.ns}/{name}?labelSelector={selector}"
+
+        def metric():
+            items = json.loads(kubectl("get", "--raw", path).stdout)["items"]
+            return items or None
+
+        items = wait_until(f"the External metric {name} through the aggregator", metric, 120, 3)
+        so = kjson("get", "scaledobject", self.fullname, "-n", self.ns)
+        conds = {c["type"]: c["status"] for c in so.get("status", {}).get("conditions", [])}
+        self.proofs.append(f"keda apiservice=Available endpoint={ADAPTER_IP}:6443 hpa={self.hpa_name} "
+                           f"external_metric={name}={items[0]['value']} scaledobject_ready={conds.get('Ready')}")
+        log(f"PROOF keda: {self.proofs[-1]}")
+
     # ------------------------------------------------------------ scenario
     def hpa(self) -> dict:
-        return kjson("get", "hpa", self.fullname, "-n", self.ns)
+        return kjson("get", "hpa", self.hpa_name, "-n", self.ns)
 
     def sample(self, t0: float, producing: bool) -> dict:
         h = self.hpa()
@@ -494,7 +583,8 @@ class Scenario:
         peak = 1
         deadline = t0 + a.timeout
         while time.monotonic() < deadline:
-            self.check_alive("pod-runner", "prometheus", "prometheus-adapter")
+            self.check_alive("pod-runner", "prometheus", "prometheus-adapter", "keda-operator",
+                             "keda-metrics-apiserver")
             producing = prod.poll() is None
             s = self.sample(t0, producing)
             print(f"{s['t']:6.1f} {s['lag']:7d} {s['produced']:8d} {s['rows']:8d} {str(s['hpa_metric']):>10} "
@@ -514,7 +604,7 @@ class Scenario:
         final = self.hpa().get("status", {}).get("currentReplicas")
         lag, produced = self.lag()
         rows = self.rows()
-        self.result = dict(kind="hpa", partitions=a.partitions, backlog=a.backlog, first_scale_up_s=first_up,
+        self.result = dict(kind=self.kind, partitions=a.partitions, backlog=a.backlog, first_scale_up_s=first_up,
                            peak_replicas=peak, lag_drained_s=drained, scaled_down_s=scaled_down,
                            final_replicas=final, rows=rows, produced=produced)
         self.plot()
@@ -559,12 +649,12 @@ class Scenario:
         lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
         labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
         ax.legend(lines, labels, loc="upper right")
-        ax.set_title(f"HPA on consumer lag: {self.args.backlog} events at {self.args.rate}/s, "
+        ax.set_title(f"{'KEDA' if self.kind == 'keda' else 'HPA'} on consumer lag: {self.args.backlog} events at {self.args.rate}/s, "
                      f"{self.args.partitions} partitions, lagPerReplica {self.args.lag_per_replica}")
-        out = ROOT / "target" / "autoscale" / "hpa-timeline.png"
+        out = ROOT / "target" / "autoscale" / f"{self.kind}-timeline.png"
         fig.tight_layout()
         fig.savefig(out, dpi=100)
-        (ROOT / "target" / "autoscale" / "hpa-timeline.json").write_text(json.dumps(self.timeline))
+        (ROOT / "target" / "autoscale" / f"{self.kind}-timeline.json").write_text(json.dumps(self.timeline))
         self.result["plot"] = str(out.relative_to(ROOT))
         log(f"plot: {out.relative_to(ROOT)}")
 
@@ -593,17 +683,22 @@ class Scenario:
         kubectl("create", "namespace", self.ns)
         self.create_topic()
         self.create_database()
-        if until == "pods":
+        if until == "pods" or self.kind == "keda":
             for f in ("servicemonitors", "prometheusrules"):
                 kubectl("apply", "--server-side", "-f",
                         str(SCHEMAS / "prometheus-operator" / f"monitoring.coreos.com_{f}.yaml"))
         else:
             self.start_operator()
+        if self.kind == "keda":
+            self.apply_keda_crds()
         self.install_chart()
         self.start_pod_runner()
         self.prove_pods()
         if until == "pods":
             return False
+        if self.kind == "keda":
+            self.start_keda()
+            return until == "scenario"
         self.apply_prometheus_resource()
         if until == "operator":
             cfg = self.generated_config()
@@ -623,6 +718,8 @@ class Scenario:
         keep = os.environ.get("E2E_KEEP") == "1"
         kubectl("delete", "apiservice", "v1beta1.external.metrics.k8s.io", "--ignore-not-found", check=False)
         if not keep:
+            kubectl("delete", "scaledobject", "--all", "-n", self.ns, "--ignore-not-found", "--wait=false",
+                    check=False)
             kubectl("delete", "hpa", "--all", "-n", self.ns, "--ignore-not-found", "--wait=false", check=False)
             kubectl("scale", "deployment", self.fullname, "-n", self.ns, "--replicas=0", check=False)
         # The pod runner drains its processes (SIGTERM, exit 0 expected) before the rest stops.
@@ -656,6 +753,7 @@ class Scenario:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kind", choices=["hpa", "keda"], default="hpa")
     p.add_argument("--partitions", type=int, default=6)
     p.add_argument("--backlog", type=int, default=120000, help="events produced")
     p.add_argument("--rate", type=int, default=3000, help="events/s while producing")
@@ -665,8 +763,9 @@ def main() -> int:
     p.add_argument("--scale-down-window", type=int, default=30, help="scaleDown stabilizationWindowSeconds")
     p.add_argument("--sample-interval", type=float, default=3.0)
     p.add_argument("--timeout", type=float, default=1200, help="seconds for the whole scenario")
-    p.add_argument("--until", choices=["pods", "operator", "prometheus", "adapter", "scenario"], default="scenario",
-                   help="stop after this stage (pods: no autoscale tool needed)")
+    p.add_argument("--until", choices=["pods", "operator", "prometheus", "adapter", "keda", "scenario"],
+                   default="scenario", help="stop after this stage (pods: no autoscale tool needed; "
+                   "operator/prometheus/adapter for --kind hpa, keda for --kind keda)")
     args = p.parse_args()
     sc = Scenario(args)
     rc = 0
