@@ -759,6 +759,17 @@ class T6Skaffold(unittest.TestCase):
     def skaffold_run(self, *args: str):
         return run(str(self.skaffold), *args, env=self.env, timeout=600)
 
+    def render(self, profile: str, *extra: str) -> list[dict]:
+        """`skaffold render` of a profile, the objects only (skaffold's notices go to stdout, the
+        manifests to --output)."""
+        import yaml
+
+        with tempfile.NamedTemporaryFile("r", suffix=".yaml") as out:
+            self.skaffold_run("render", "-p", profile, *extra, "--images",
+                              f"nexus-analytics={self.IMAGE}", "--digest-source=none",
+                              "--offline=true", "-n", self.ns, f"--output={out.name}")
+            return [d for d in yaml.safe_load_all(out.read()) if isinstance(d, dict)]
+
     def test_1_deploy_with_the_image_given(self):
         self.skaffold_run("deploy", "--images", f"nexus-analytics={self.IMAGE}", "-n", self.ns,
                           "--status-check=true")
@@ -774,18 +785,25 @@ class T6Skaffold(unittest.TestCase):
                           "-n", self.ns, "--status-check=true")
         so = kjson("get", "scaledobject", "nexus-analytics", "-n", self.ns)
         self.assertEqual(so["spec"]["scaleTargetRef"]["name"], "nexus-analytics")
-        rendered = self.skaffold_run("render", "-m", "nexus-analytics", "-p", "keda",
-                                     "--images", f"nexus-analytics={self.IMAGE}",
-                                     "--digest-source=none", "--offline=true", "-n", self.ns).stdout
-        import yaml
-
-        # skaffold may append its telemetry notice to stdout: keep the objects only.
-        docs = [d for d in yaml.safe_load_all(rendered) if isinstance(d, dict)]
+        docs = self.render("keda", "-m", "nexus-analytics")
         deployment = next(d for d in docs if d["kind"] == "Deployment"
                           and d["metadata"]["name"] == "nexus-analytics")
         self.assertNotIn("replicas", deployment["spec"])
         self.assertIn("ScaledObject", [d["kind"] for d in docs])
         self.assertNotIn("HorizontalPodAutoscaler", [d["kind"] for d in docs])
+
+    def test_3_every_profile_renders_what_the_server_accepts(self):
+        for profile in ("dev", "keda", "prod"):
+            with self.subTest(profile=profile):
+                import yaml
+
+                docs = self.render(profile)
+                kinds = [d["kind"] for d in docs]
+                self.assertIn("Deployment", kinds, profile)
+                # prod never deploys the dev broker and database.
+                self.assertEqual("kafka" in [d["metadata"]["name"] for d in docs], profile != "prod")
+                kubectl("apply", "--dry-run=server", "-n", self.ns, "-f", "-",
+                        stdin=yaml.safe_dump_all(docs))
 
 
 class T5LeaderElection(unittest.TestCase):
