@@ -74,6 +74,9 @@ QUERIES = {
                   f"SELECT id, {COLS} FROM analytics.events WHERE event_type = 'user.deleted' AND "
                   "\"timestamp\" >= :t0 - interval '6 hours' AND \"timestamp\" < :t0 "
                   'ORDER BY "timestamp" DESC, id DESC LIMIT 101'),
+    "rare_type_page": ("API /events?event_type (a type with no events yet, no time bound)",
+                       f"SELECT id, {COLS} FROM analytics.events WHERE event_type = 'user.never_seen' "
+                       'ORDER BY "timestamp" DESC, id DESC LIMIT 101'),
     "type_count": ("analyst: count of one type over 6 h",
                    "SELECT count(*) FROM analytics.events WHERE event_type = 'user.deleted' AND "
                    "\"timestamp\" >= :t0 - interval '6 hours' AND \"timestamp\" < :t0"),
