@@ -574,16 +574,10 @@ fn describe(t: ResetTarget) -> String {
     }
 }
 
-/// librdkafka properties from a Secret's data: `SASL_PASSWORD` becomes `sasl.password`, the
-/// inverse of the service's `KAFKA_PROPERTY_*` mapping (the pods get the same keys with that prefix).
-pub fn props_from_secret(
-    data: &BTreeMap<String, k8s_openapi::ByteString>,
-) -> BTreeMap<String, String> {
-    data.iter()
-        .map(|(k, v)| {
-            (k.to_ascii_lowercase().replace('_', "."), String::from_utf8_lossy(&v.0).into_owned())
-        })
-        .collect()
+/// librdkafka properties from a Secret's data (key -> value): keys through
+/// [`resources::property_name`].
+pub fn props_from_secret(data: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    data.iter().map(|(k, v)| (resources::property_name(k), v.clone())).collect()
 }
 
 async fn kafka_connection(
@@ -599,11 +593,11 @@ async fn kafka_connection(
             .unwrap_or_default(),
         None => BTreeMap::new(),
     };
-    let secret_data =
-        data.iter().map(|(k, v)| (k.clone(), String::from_utf8_lossy(&v.0).into_owned())).collect();
+    let secret_data: BTreeMap<String, String> =
+        data.into_iter().map(|(k, v)| (k, String::from_utf8_lossy(&v.0).into_owned())).collect();
     Ok(KafkaConnection {
         brokers: p.spec.kafka.brokers.clone(),
-        props: props_from_secret(&data),
+        props: props_from_secret(&secret_data),
         secret_data,
     })
 }

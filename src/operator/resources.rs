@@ -394,6 +394,12 @@ pub struct KedaAuth {
     pub params: Vec<(&'static str, String)>,
 }
 
+/// The librdkafka property a Kafka Secret key names: `SASL_PASSWORD` is `sasl.password`, the
+/// inverse of the service's `KAFKA_PROPERTY_*` mapping (the pods get the same keys with that prefix).
+pub fn property_name(secret_key: &str) -> String {
+    secret_key.to_ascii_lowercase().replace('_', ".")
+}
+
 /// The scaler's authentication for a Secret's data (original key -> value); `None` for a
 /// plaintext, unauthenticated connection. `ssl.ca.location` and other file paths have no KEDA
 /// counterpart (the scaler's own trust store applies); PEM properties (`SSL_CA_PEM`,
@@ -402,8 +408,7 @@ pub fn keda_auth(
     secret: &str,
     data: &BTreeMap<String, String>,
 ) -> Result<Option<KedaAuth>, BuildError> {
-    let property =
-        |name: &str| data.iter().find(|(k, _)| k.to_ascii_lowercase().replace('_', ".") == name);
+    let property = |name: &str| data.iter().find(|(k, _)| property_name(k) == name);
     let upper = |name: &str| property(name).map(|(_, v)| v.trim().to_ascii_uppercase());
     let protocol = upper("security.protocol").unwrap_or_else(|| "PLAINTEXT".into());
     let (uses_sasl, tls) = match protocol.as_str() {

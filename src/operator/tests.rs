@@ -621,8 +621,8 @@ async fn paused_pipeline_scales_to_zero() {
 #[test]
 fn kafka_secret_keys_become_librdkafka_properties() {
     let data = std::collections::BTreeMap::from([
-        ("SECURITY_PROTOCOL".to_owned(), k8s_openapi::ByteString(b"SASL_SSL".to_vec())),
-        ("SASL_PASSWORD".to_owned(), k8s_openapi::ByteString(b"hunter2".to_vec())),
+        ("SECURITY_PROTOCOL".to_owned(), "SASL_SSL".to_owned()),
+        ("SASL_PASSWORD".to_owned(), "hunter2".to_owned()),
     ]);
     let props = reconcile::props_from_secret(&data);
     assert_eq!(props.get("security.protocol").map(String::as_str), Some("SASL_SSL"));
