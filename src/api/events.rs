@@ -352,9 +352,9 @@ fn write_event(row: &PgRow, out: &mut Vec<u8>) -> Result<Cursor, sqlx::Error> {
     Ok(Cursor { timestamp: event.timestamp, id: event.id })
 }
 
-/// A page body already written as JSON bytes (see [`PageBuilder`]), served as
-/// `application/json` without a second serialisation.
-pub(super) struct JsonBytes(Vec<u8>);
+/// A body already written as JSON bytes (a page from [`PageBuilder`], the OpenAPI document),
+/// served as `application/json` without a second serialisation.
+pub(super) struct JsonBytes(pub(super) Vec<u8>);
 
 impl IntoResponse for JsonBytes {
     fn into_response(self) -> Response {

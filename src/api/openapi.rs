@@ -1,15 +1,13 @@
 //! The OpenAPI document, generated from the handlers' annotations, and its route.
 
 use axum::extract::State;
-use axum::http::{HeaderValue, header};
-use axum::response::{IntoResponse, Response};
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi};
 
 use super::ApiState;
 use super::counts::{self, Bucket, GroupBy};
 use super::errors::{ErrorBody, ErrorCode, ErrorDetail};
-use super::events::{self, Truncated};
+use super::events::{self, JsonBytes, Truncated};
 
 /// The OpenAPI document of this API, generated from the handlers' annotations.
 pub fn openapi() -> utoipa::openapi::OpenApi {
@@ -76,12 +74,8 @@ impl Modify for BearerScheme {
     responses((status = 200, description = "The OpenAPI 3.1 document of this API", content_type = "application/json", body = Object)),
     security(())
 )]
-pub(super) async fn openapi_json(State(state): State<ApiState>) -> Response {
-    (
-        [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
-        state.inner.openapi_json.clone(),
-    )
-        .into_response()
+pub(super) async fn openapi_json(State(state): State<ApiState>) -> JsonBytes {
+    JsonBytes(state.inner.openapi_json.clone().into_bytes())
 }
 
 #[cfg(test)]
