@@ -259,18 +259,17 @@ impl Settings {
                 .as_deref()
                 .map(|u| postgres_url("DATABASE_URL", u))
                 .transpose()?,
-            pool_size: positive("DATABASE_POOL_SIZE", raw.database_pool_size.into())? as u32,
+            pool_size: positive("DATABASE_POOL_SIZE", raw.database_pool_size)?,
             write_timeout: secs("DATABASE_WRITE_TIMEOUT_SECS", raw.database_write_timeout_secs)?,
         };
         let batch = BatchSettings {
             policy: BatchPolicy {
-                max_events: positive("BATCH_MAX_EVENTS", raw.batch_max_events as u64)? as usize,
-                max_bytes: positive("BATCH_MAX_BYTES", raw.batch_max_bytes as u64)? as usize,
+                max_events: positive("BATCH_MAX_EVENTS", raw.batch_max_events)?,
+                max_bytes: positive("BATCH_MAX_BYTES", raw.batch_max_bytes)?,
                 linger: Duration::from_millis(raw.batch_linger_ms),
             },
-            max_in_flight: positive("BATCH_MAX_IN_FLIGHT", raw.batch_max_in_flight as u64)?
-                as usize,
-            max_event_bytes: positive("MAX_EVENT_BYTES", raw.max_event_bytes as u64)? as usize,
+            max_in_flight: positive("BATCH_MAX_IN_FLIGHT", raw.batch_max_in_flight)?,
+            max_event_bytes: positive("MAX_EVENT_BYTES", raw.max_event_bytes)?,
         };
         if batch.max_in_flight > database.pool_size as usize {
             return Err(invalid(
@@ -355,8 +354,7 @@ fn parse_kafka(raw: &RawSettings) -> Result<KafkaSettings, ConfigError> {
         group_id: raw.kafka_group_id.clone(),
         dlq_topic: raw.kafka_dlq_topic.clone(),
         session_timeout: Duration::from_millis(raw.kafka_session_timeout_ms.into()),
-        fetch_buffer_kbytes: positive("FETCH_BUFFER_KBYTES", raw.fetch_buffer_kbytes.into())?
-            as u32,
+        fetch_buffer_kbytes: positive("FETCH_BUFFER_KBYTES", raw.fetch_buffer_kbytes)?,
         lag_refresh: secs("LAG_REFRESH_SECS", raw.lag_refresh_secs)?,
         client_id: raw
             .hostname
@@ -457,8 +455,9 @@ fn postgres_url(setting: &str, raw: &str) -> Result<SecretString, ConfigError> {
     Ok(SecretString::from(raw))
 }
 
-fn positive(setting: &str, value: u64) -> Result<u64, ConfigError> {
-    if value == 0 { Err(invalid(setting, "must be greater than 0")) } else { Ok(value) }
+/// `value` unless it is zero.
+fn positive<T: PartialEq + Default>(setting: &str, value: T) -> Result<T, ConfigError> {
+    if value == T::default() { Err(invalid(setting, "must be greater than 0")) } else { Ok(value) }
 }
 
 fn secs(setting: &str, value: u64) -> Result<Duration, ConfigError> {
