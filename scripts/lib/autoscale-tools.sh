@@ -36,6 +36,15 @@ AUTOSCALE_TOOLS=(
 
 _as_field() { local IFS='|'; read -r -a _f <<<"$1"; printf '%s\n' "${_f[$2]:-}"; }
 
+# autoscale_tool_version NAME: the pinned version of a tool, from the table above.
+autoscale_tool_version() {
+    local t
+    for t in "${AUTOSCALE_TOOLS[@]}"; do
+        [[ $(_as_field "$t" 0) == "$1" ]] && { _as_field "$t" 2; return 0; }
+    done
+    die "autoscale-tools: no tool named $1"
+}
+
 autoscale_tool_ok() {
     local name=$1 version=$2 stamp="$AUTOSCALE_BIN/.$1.version"
     [[ -x "$AUTOSCALE_BIN/$name" && -f "$stamp" && "$(<"$stamp")" == "$version" ]]
@@ -92,36 +101,35 @@ _as_build() {
     ok "autoscale-tools: $name built in $(since "$start") (peak RSS $(((${out##* } + 1023) / 1024)) MiB)"
 }
 
-# The operator's CRDs at the pinned version, copied out of its module (the e2e test
+# The operators' CRDs at the pinned versions, copied out of their modules (the e2e test
 # applies them with server-side apply: the Prometheus CRD is too large for client-side).
+# KEDA's operator watches all of its own: ScaledObjects, ScaledJobs,
+# (Cluster)TriggerAuthentications, CloudEventSources.
 PROM_OPERATOR_CRDS="$AUTOSCALE_CACHE/prometheus-operator-crd-$PROM_OPERATOR_VERSION"
-_as_operator_crds() {
-    [[ -f "$PROM_OPERATOR_CRDS/.complete" ]] && return 0
-    local src
-    src="$(cd "$AUTOSCALE_CACHE/src/prometheus-operator" && GOTOOLCHAIN=local GOFLAGS=-mod=mod \
-        go list -m -f '{{.Dir}}' github.com/prometheus-operator/prometheus-operator)"
-    [[ -d "$src/example/prometheus-operator-crd" ]] || die "autoscale-tools: no CRDs in $src"
-    rm -rf "$PROM_OPERATOR_CRDS"
-    mkdir -p "$PROM_OPERATOR_CRDS"
-    cp "$src/example/prometheus-operator-crd/"*.yaml "$PROM_OPERATOR_CRDS/"
-    chmod -R u+w "$PROM_OPERATOR_CRDS"
-    touch "$PROM_OPERATOR_CRDS/.complete"
+KEDA_CRDS="$AUTOSCALE_CACHE/keda-crd-$KEDA_VERSION"
+
+# _as_module_crds DEST TOOL MODULE DIR: the *.yaml of DIR in the MODULE that TOOL's build
+# module requires, copied to DEST once.
+_as_module_crds() {
+    local dest=$1 tool=$2 module=$3 dir=$4 src
+    [[ -f "$dest/.complete" ]] && return 0
+    src="$(cd "$AUTOSCALE_CACHE/src/$tool" && GOTOOLCHAIN=local GOFLAGS=-mod=mod \
+        go list -m -f '{{.Dir}}' "$module")"
+    [[ -d "$src/$dir" ]] || die "autoscale-tools: no CRDs in $src/$dir"
+    rm -rf "$dest"
+    mkdir -p "$dest"
+    cp "$src/$dir/"*.yaml "$dest/"
+    chmod -R u+w "$dest"
+    touch "$dest/.complete"
 }
 
-# KEDA's CRDs at the pinned version, from its module (the operator's controllers watch all
-# of them: ScaledObjects, ScaledJobs, (Cluster)TriggerAuthentications, CloudEventSources).
-KEDA_CRDS="$AUTOSCALE_CACHE/keda-crd-$KEDA_VERSION"
-_as_keda_crds() {
-    [[ -f "$KEDA_CRDS/.complete" ]] && return 0
-    local src
-    src="$(cd "$AUTOSCALE_CACHE/src/keda-operator" && GOTOOLCHAIN=local GOFLAGS=-mod=mod \
-        go list -m -f '{{.Dir}}' github.com/kedacore/keda/v2)"
-    [[ -d "$src/config/crd/bases" ]] || die "autoscale-tools: no CRDs in $src"
-    rm -rf "$KEDA_CRDS"
-    mkdir -p "$KEDA_CRDS"
-    cp "$src/config/crd/bases/"*.yaml "$KEDA_CRDS/"
-    chmod -R u+w "$KEDA_CRDS"
-    touch "$KEDA_CRDS/.complete"
+# autoscale_crds: the CRDs of whichever of the two operators is built.
+autoscale_crds() {
+    [[ -x "$AUTOSCALE_BIN/prometheus-operator" ]] && _as_module_crds "$PROM_OPERATOR_CRDS" \
+        prometheus-operator github.com/prometheus-operator/prometheus-operator example/prometheus-operator-crd
+    [[ -x "$AUTOSCALE_BIN/keda-operator" ]] && _as_module_crds "$KEDA_CRDS" \
+        keda-operator github.com/kedacore/keda/v2 config/crd/bases
+    return 0
 }
 
 # install_autoscale_tools: build what is missing (KEDA last: the largest tree), link
@@ -143,8 +151,7 @@ install_autoscale_tools() {
         fi
         ln -sfn "$AUTOSCALE_BIN/$name" "$TOOLS_BIN/$name"
     done
-    [[ -x "$AUTOSCALE_BIN/prometheus-operator" ]] && _as_operator_crds
-    [[ -x "$AUTOSCALE_BIN/keda-operator" ]] && _as_keda_crds
+    autoscale_crds
     ((${#failed[@]} == 0)) || die "autoscale-tools: not built: ${failed[*]} (see $AUTOSCALE_BUILD_LOG)"
     [[ $only == ",," ]] || { ok "autoscale-tools: ${NEXUS_AUTOSCALE_TOOLS} ($AUTOSCALE_BIN)"; return 0; }
     ok "autoscale-tools: prometheus-operator $PROM_OPERATOR_VERSION, prometheus $PROMETHEUS_RELEASE, prometheus-adapter $PROM_ADAPTER_VERSION, skaffold $SKAFFOLD_VERSION, keda $KEDA_VERSION ($AUTOSCALE_BIN)"
