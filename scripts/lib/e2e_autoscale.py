@@ -437,16 +437,20 @@ class Scenario:
             f"--config={cfg}", "--v=2",
         ]))
         self.register_external_metrics("prometheus-adapter")
-        path = (f"/apis/external.metrics.k8s.io/v1beta1/namespaces/{self.ns}/nexus_analytics_consumer_lag"
-                f"?labelSelector=consumer_group%3D{self.group}")
-
-        def metric():
-            items = json.loads(kubectl("get", "--raw", path).stdout)["items"]
-            return items or None
-
-        items = wait_until("the External metric nexus_analytics_consumer_lag through the aggregator", metric, 120, 3)
+        items = self.external_metric("nexus_analytics_consumer_lag", {"consumer_group": self.group})
         self.proofs.append(f"apiservice=Available endpoint={ADAPTER_IP}:6443 external_metric={items[0]['value']}")
         log(f"PROOF adapter: {self.proofs[-1]}")
+
+    def external_metric(self, metric: str, labels: dict) -> list:
+        """The External metric's items as the HPA controller reads them: through the aggregator
+        to whichever adapter is registered; waits until there is one."""
+        selector = urllib.parse.quote(",".join(f"{k}={v}" for k, v in labels.items()))
+        path = f"/apis/external.metrics.k8s.io/v1beta1/namespaces/{self.ns}/{metric}?labelSelector={selector}"
+
+        def items():
+            return json.loads(kubectl("get", "--raw", path).stdout)["items"] or None
+
+        return wait_until(f"the External metric {metric} through the aggregator", items, 120, 3)
 
     def register_external_metrics(self, service: str) -> None:
         """`service` (listening on ADAPTER_IP:6443 in its network namespace) becomes
@@ -477,9 +481,8 @@ class Scenario:
     def apply_keda_crds(self) -> None:
         """KEDA's own CRDs at the pinned version (the chart's ScaledObject needs them first);
         without the built tools (--until pods) the two of ../shared/schemas/keda."""
-        crds = Path(os.environ.get("KEDA_CRDS") or SCHEMAS / "keda")
-        if not crds.is_dir():
-            crds = SCHEMAS / "keda"
+        built = os.environ.get("KEDA_CRDS")
+        crds = Path(built) if built and Path(built).is_dir() else SCHEMAS / "keda"
         for f in sorted(crds.glob("*.yaml")):
             kubectl("apply", "--server-side", "--force-conflicts", "-f", str(f))
 
@@ -525,14 +528,7 @@ class Scenario:
             return ext["name"], ext.get("selector", {}).get("matchLabels", {})
 
         name, labels = wait_until(f"KEDA's HPA {self.hpa_name} for the ScaledObject", keda_hpa, 120, 2)
-        selector = urllib.parse.quote(",".join(f"{k}={v}" for k, v in labels.items()))
-        path = f"/apis/external.metrics.k8s.io/v1beta1/namespaces/{self.ns}/{name}?labelSelector={selector}"
-
-        def metric():
-            items = json.loads(kubectl("get", "--raw", path).stdout)["items"]
-            return items or None
-
-        items = wait_until(f"the External metric {name} through the aggregator", metric, 120, 3)
+        items = self.external_metric(name, labels)
         so = kjson("get", "scaledobject", self.fullname, "-n", self.ns)
         conds = {c["type"]: c["status"] for c in so.get("status", {}).get("conditions", [])}
         self.proofs.append(f"keda apiservice=Available endpoint={ADAPTER_IP}:6443 hpa={self.hpa_name} "
