@@ -185,7 +185,7 @@ class KafkaNode:
             if self.proc is None or self.proc.poll() is not None:
                 raise RuntimeError(f"Kafka node {self.id} exited; see {self.log}")
             text = self.log.read_text(errors="replace").rsplit("==== soak: node start", 1)[-1]
-            return "Kafka Server started" in text and port_open(self.port)
+            return "Kafka Server started" in text and port_open(self.port, 0.5)
         if not wait_until(timeout, serving, 0.2):
             raise RuntimeError(f"Kafka node {self.id} not serving after {timeout}s; see {self.log}")
 
