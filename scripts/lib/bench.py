@@ -39,6 +39,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+# Modules beside this one (peer_connect, bench_api) `import bench`: run as a script, this is it.
+sys.modules.setdefault("bench", sys.modules[__name__])
 from waiting import free_port, port_open, wait_until  # noqa: E402,F401  (scripts/lib/waiting.py; bench_api uses them as b.*)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -753,12 +755,15 @@ class Bench:
         self.res.values["python_eps"] = best
 
     def phase_connect(self) -> None:
-        """Kafka Connect (standalone) + a JDBC sink: the peer a platform team would pick.
+        """Kafka Connect (standalone) + Debezium's JDBC sink: the peer a platform team would
+        pick (scripts/lib/peer_connect.py says how it is set up and why).
 
-        `scripts/install-tools connect` resolves the worker and a JDBC sink plugin from Maven
+        `scripts/install-tools connect` resolves the worker and the sink plugin from Maven
         Central; when the registry refused the sink (recorded in sink.refused) the peer is
         reported as blocked, with what was refused, and the worker alone is started on the
         same broker to show what the JVM costs before it does any work."""
+        import peer_connect
+
         home = Path(self.args.connect_home).resolve()
         refused = home / "sink.refused"
         if not (home / "worker").is_dir():
@@ -775,10 +780,11 @@ class Bench:
                          "tried: docs/benchmark.md, Peers)")
             self.connect_idle(home)
             return
-        self.res.add("peer", "Kafka Connect + JDBC sink", "not run",
-                     "a sink plugin resolved, but its phase is not written yet: docs/benchmark.md, "
-                     "Peers, has the configuration to run")
-        self.connect_idle(home)
+        peer_connect.throughput(self, home)
+        if "kill" not in self.args.skip:
+            peer_connect.kill(self, home)
+        if "latency" not in self.args.skip:
+            peer_connect.latency(self)
 
     def connect_worker_props(self, home: Path, rest_port: int) -> Path:
         props = self.workdir / "connect-worker.properties"
@@ -1120,6 +1126,9 @@ class Bench:
 
         connect = v.get("connect_eps")
         r_connect = f"{svc / connect:.2f}" if connect else "na"
+        c_steady = v.get("connect_steady_eps")
+        r_connect_steady = (f"{v['service_steady_eps'] / c_steady:.2f}"
+                            if c_steady and "service_steady_eps" in v else "na")
         print(
             f"RESULT service_eps={svc:.0f} copy_eps={v.get('copy_eps', 0):.0f} "
             f"broker_eps={v.get('broker_eps', 0):.0f} naive_eps={v.get('naive_eps', 0):.0f} "
@@ -1132,6 +1141,11 @@ class Bench:
             f"rpconnect_rss_mib=na cpu_s_per_m={num('service_cpu_s_per_m', '.1f')} "
             f"service_rss_mib={num('service_rss_mib', '.1f')} "
             f"kill_lost={num('kill_lost')} kill_duplicated={num('kill_duplicated')} "
+            f"connect_steady_eps={num('connect_steady_eps')} "
+            f"ratio_vs_connect_steady={r_connect_steady} connect_p99_ms={num('connect_p99_ms', '.1f')} "
+            f"connect_cpu_s_per_m={num('connect_cpu_s_per_m', '.1f')} "
+            f"connect_kill_lost={num('connect_kill_lost')} "
+            f"connect_kill_duplicated={num('connect_kill_duplicated')} "
             f"broker={self.broker_kind}",
             flush=True,
         )
@@ -1150,11 +1164,16 @@ class Bench:
                        None)
         if connect is not None:
             idle = v.get("connect_idle_rss_mib")
-            rows.append(("Kafka Connect + JDBC sink", v.get("connect_eps"), None, None,
-                         v.get("connect_rss_mib"), None, "-",
-                         connect[2] + (f" (worker alone: {idle:.0f} MiB RSS)" if idle else "")))
+            kill = (f"lost {v['connect_kill_lost']:.0f} / dup {v['connect_kill_duplicated']:.0f}"
+                    if "connect_kill_lost" in v else "-")
+            note = ("Debezium JDBC sink, upsert" if "connect_eps" in v
+                    else connect[2] + (f" (worker alone: {idle:.0f} MiB RSS)" if idle else ""))
+            rows.append(("Kafka Connect + JDBC sink", v.get("connect_eps"),
+                         v.get("connect_steady_eps"), v.get("connect_p99_ms"),
+                         v.get("connect_rss_mib"), v.get("connect_cpu_s_per_m"), kill, note))
         rows.append(("Redpanda Connect", None, None, None, None, None, "-",
-                     "not built: licence-barred; benthos core has no kafka/sql components"))
+                     "not built: the Go proxy marks its module not-to-use (licence); "
+                     "benthos core has no kafka/sql components"))
         for name, p in self.res.peers.items():
             rows.append((name, p["eps"], p["steady"], None, p["rss"], p["cpu"], "-", ""))
         if "naive_eps" in v:
