@@ -143,7 +143,7 @@ impl Default for RawSettings {
             batch_linger_ms: 10,
             batch_max_in_flight: 2,
             max_event_bytes: 512 * 1024,
-            fetch_buffer_kbytes: 16 * 1024,
+            fetch_buffer_kbytes: 4 * 1024,
             shutdown_timeout_secs: 20,
             liveness_stall_secs: 60,
             group_unsteady_liveness_secs: 300,

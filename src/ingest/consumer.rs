@@ -111,6 +111,17 @@ pub fn is_all_brokers_down(error: &KafkaError) -> bool {
     )
 }
 
+/// `max.partition.fetch.bytes`: a partition's share of one fetch. A larger record still
+/// arrives whole (the broker returns at least the first batch of a partition).
+const MAX_PARTITION_FETCH_BYTES: u32 = 256 * 1024;
+
+/// `fetch.max.bytes` for a prefetch bound of `fetch_buffer_kbytes` KiB: that bound, but never
+/// below 1 MiB, because librdkafka refuses a value below `message.max.bytes` (1,000,000 by
+/// default). Pure.
+pub fn fetch_max_bytes(fetch_buffer_kbytes: u32) -> u64 {
+    (u64::from(fetch_buffer_kbytes) * 1024).max(1024 * 1024)
+}
+
 /// A consumer group member wired to a pipeline.
 pub type PipelineConsumer = BaseConsumer<PipelineContext>;
 
@@ -136,6 +147,11 @@ pub fn create_consumer(
         .set("heartbeat.interval.ms", (session_timeout_ms / 3).max(100).to_string())
         .set("statistics.interval.ms", "1000")
         .set("queued.max.messages.kbytes", kafka.fetch_buffer_kbytes.to_string())
+        // One fetch response no larger than the prefetch bound, and a small share of it per
+        // partition: with librdkafka's defaults (50 MiB per response, 1 MiB per partition)
+        // the buffers in flight, not the queue, set the peak RSS while draining a backlog.
+        .set("fetch.max.bytes", fetch_max_bytes(kafka.fetch_buffer_kbytes).to_string())
+        .set("max.partition.fetch.bytes", MAX_PARTITION_FETCH_BYTES.to_string())
         // Incremental rebalancing: when a replica joins or leaves (HPA), only the partitions
         // that move stop; the others keep consuming.
         .set("partition.assignment.strategy", "cooperative-sticky");
@@ -319,6 +335,13 @@ mod tests {
     use rdkafka::error::RDKafkaErrorCode;
 
     use super::*;
+
+    #[test]
+    fn a_fetch_is_at_most_the_prefetch_bound_but_never_below_librdkafkas_floor() {
+        assert_eq!(fetch_max_bytes(4096), 4 * 1024 * 1024);
+        assert_eq!(fetch_max_bytes(64), 1024 * 1024);
+        assert!(u64::from(MAX_PARTITION_FETCH_BYTES) <= fetch_max_bytes(1));
+    }
 
     #[test]
     fn broker_connectivity_is_not_a_consume_error() {
