@@ -57,6 +57,10 @@ ENVELOPE_HEAD = '{"schema":' + json.dumps(SCHEMA, separators=(",", ":")) + ',"pa
 DISTINCT = ("SELECT count(DISTINCT (kafka_topic, kafka_partition, kafka_offset)) "
             "FROM analytics.events")
 COUNT = "SELECT count(*) FROM analytics.events"
+# A digest of what was stored, by source position (partition, offset), for comparing the
+# peer's rows with the service's rows of the same events (the topics' names differ).
+DIGEST = ("SELECT sum(hashtextextended(concat_ws('|', kafka_partition, kafka_offset, event_type, "
+          "user_id, service, \"timestamp\", data), 0)::numeric) FROM analytics.events")
 # The identity's sequence (its name depends on the migrations' history).
 SEQUENCE_NAME = "SELECT pg_get_serial_sequence('analytics.events', 'id')"
 
@@ -73,9 +77,10 @@ def envelope(value: bytes) -> bytes:
     return (ENVELOPE_HEAD + json.dumps(payload, separators=(",", ":")) + "}").encode()
 
 
-def wrap_topic(b, src: str, n: int, name: str) -> tuple[str, float]:
+def wrap_topic(b, src: str, n: int, name: str) -> tuple[str, float, float]:
     """Copies the first `n` records of `src` into a new topic in the schema envelope: same
-    keys, same partitions, same order. Returns the topic and the mean envelope size."""
+    keys, same partitions, same order. Returns the topic and the mean sizes of the plain
+    events and of their envelopes."""
     from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 
     dst = b.create_topic(name)
@@ -86,7 +91,7 @@ def wrap_topic(b, src: str, n: int, name: str) -> tuple[str, float]:
     producer = Producer({"bootstrap.servers": b.brokers, "acks": "all",
                          "enable.idempotence": True, "linger.ms": 20,
                          "queue.buffering.max.messages": 500_000})
-    seen, size = 0, 0
+    seen, size, plain = 0, 0, 0
     deadline = time.monotonic() + b.args.timeout
     while seen < n:
         if time.monotonic() > deadline:
@@ -96,6 +101,7 @@ def wrap_topic(b, src: str, n: int, name: str) -> tuple[str, float]:
                 continue
             value = envelope(m.value())
             size += len(value)
+            plain += len(m.value())
             while True:
                 try:
                     producer.produce(dst, value=value, key=m.key(), partition=m.partition())
@@ -108,7 +114,7 @@ def wrap_topic(b, src: str, n: int, name: str) -> tuple[str, float]:
     consumer.close()
     if left:
         raise SystemExit(f"[bench] wrapping {src}: {left} records not delivered")
-    return dst, size / max(seen, 1)
+    return dst, plain / max(seen, 1), size / max(seen, 1)
 
 
 class Worker:
@@ -230,7 +236,7 @@ def throughput(b, home: Path) -> None:
     """The backlog of the service's phase (same events), drained by the peer."""
     fmt_int = B.fmt_int
     n = b.args.events
-    topic, size = wrap_topic(b, b.topic, n, "connect")
+    topic, plain, size = wrap_topic(b, b.topic, n, "connect")
     url = fresh_peer_db(b, "connect")
     tracker = B.CpuTracker()
     w = Worker(b, home, topic, url, "connect-throughput")
@@ -249,6 +255,12 @@ def throughput(b, home: Path) -> None:
     if rows != n or distinct != n:
         raise SystemExit(f"[bench] Kafka Connect stored {rows} rows ({distinct} distinct), "
                          f"expected {n}")
+    same = None
+    if getattr(b, "svc_url", None):
+        same = b.scalar(url, DIGEST) == b.scalar(b.svc_url, DIGEST)
+        if not same:
+            raise SystemExit("[bench] Kafka Connect's rows differ from the service's rows of "
+                             "the same events")
     total = done - w.child.started
     eps, steady = n / total, n / max(done - first, 1e-9)
     cpu = tracker.breakdown({w.pid: "connect", **b.broker_roles()}, b.postmaster())
@@ -262,8 +274,10 @@ def throughput(b, home: Path) -> None:
               f"coordinates, batches of 10,000; {fmt_int(n)} rows in {total:.2f}s from JVM start "
               f"(first row after {first - w.child.started:.2f}s; {fmt_int(steady)}/s after it)")
     b.res.add("peer", "  its input", f"{size:.0f} B/event",
-              "the same events, keys and partitions in JsonConverter's schema envelope (the "
-              "sink needs a Connect schema)")
+              f"the same events ({plain:.0f} B each), keys and partitions in JsonConverter's "
+              "schema envelope (the sink needs a Connect schema)"
+              + ("; rows identical to the service's (digest by partition and offset)"
+                 if same else ""))
     b.res.add("peer", "  peak RSS", f"{rss.hwm_kib / 1024:.1f} MiB", "VmHWM of the worker JVM")
     b.cpu_row("peer", n, done - w.child.started, cpu, "connect_cpu_s_per_m")
 
@@ -273,7 +287,7 @@ def kill(b, home: Path) -> None:
     produced (upsert on the coordinates should hide the redelivered batches)."""
     fmt_int = B.fmt_int
     count = min(b.args.events, b.args.rate * b.args.kill_secs)
-    topic, _ = wrap_topic(b, b.topic, count, "connect-kill")
+    topic, _, _ = wrap_topic(b, b.topic, count, "connect-kill")
     url = fresh_peer_db(b, "connect_kill")
     w = Worker(b, home, topic, url, "connect-kill-1")
     with b.connect(url) as conn:
