@@ -60,6 +60,21 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 EVENT_COLUMNS = (
     'event_type, user_id, service, "timestamp", data, kafka_topic, kafka_partition, kafka_offset'
 )
+# Rows, and distinct source records, in a phase's analytics.events: every path (the service and
+# its peers) is checked with the same two counts.
+ROWS_SQL = "SELECT count(*) FROM analytics.events"
+DISTINCT_SQL = ("SELECT count(DISTINCT (kafka_topic, kafka_partition, kafka_offset)) "
+                "FROM analytics.events")
+# Percentiles of a per-row latency expression {x} (ms) over the rows whose event time is at least
+# %s seconds after the first one (the warm-up excluded); count, [p50, p95, p99], max.
+LATENCY_SQL = (
+    "SELECT count(*), "
+    "percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY {x}), max({x}) "
+    "FROM analytics.events WHERE \"timestamp\" >= "
+    "(SELECT min(\"timestamp\") FROM analytics.events) + make_interval(secs => %s)"
+)
+# Event time -> the commit of the row's transaction (track_commit_timestamp=on), in ms.
+COMMIT_MS = "1000 * extract(epoch FROM pg_xact_commit_timestamp(xmin) - \"timestamp\")"
 
 
 def log(msg: str) -> None:
@@ -579,10 +594,8 @@ class Bench:
         svc.stop()
         if not ok:
             die(f"the service stored fewer than {n} rows within {self.args.timeout}s")
-        rows = self.scalar(url, "SELECT count(*) FROM analytics.events")
-        distinct = self.scalar(
-            url, "SELECT count(DISTINCT (kafka_topic, kafka_partition, kafka_offset)) "
-                 "FROM analytics.events")
+        rows = self.scalar(url, ROWS_SQL)
+        distinct = self.scalar(url, DISTINCT_SQL)
         if rows != n or distinct != n:
             die(f"service stored {rows} rows ({distinct} distinct), expected {n}")
         total = done - svc.started
@@ -786,29 +799,37 @@ class Bench:
         if "latency" not in self.args.skip:
             peer_connect.latency(self)
 
-    def connect_worker_props(self, home: Path, rest_port: int) -> Path:
-        props = self.workdir / "connect-worker.properties"
+    def connect_worker_props(self, home: Path, rest_port: int, tag: str = "idle",
+                             extra: str = "") -> Path:
+        """A standalone Connect worker's properties on the benchmark's broker; `extra` lines
+        (a peer's consumer tuning) are appended."""
+        props = self.workdir / f"connect-worker-{tag}.properties"
         props.write_text(
             f"bootstrap.servers={self.brokers}\n"
             "key.converter=org.apache.kafka.connect.storage.StringConverter\n"
             "value.converter=org.apache.kafka.connect.json.JsonConverter\n"
             "value.converter.schemas.enable=true\n"
-            f"offset.storage.file.filename={self.workdir / 'connect.offsets'}\n"
+            f"offset.storage.file.filename={self.workdir / f'connect-{tag}.offsets'}\n"
+            # A sink's offsets are committed to its consumer group at this interval.
             "offset.flush.interval.ms=1000\n"
             f"plugin.path={home / 'sink'}\n"
-            f"listeners=http://127.0.0.1:{rest_port}\n")
+            f"listeners=http://127.0.0.1:{rest_port}\n" + extra)
         return props
+
+    @staticmethod
+    def connect_argv(home: Path, *props: Path) -> list:
+        """ConnectStandalone with connect-standalone.sh's heap (-Xms256M -Xmx2G) and the
+        broker's log4j2 layout."""
+        return ["java", "-Xms256m", "-Xmx2g", "-XX:+UseG1GC", "-Djava.awt.headless=true",
+                f"-Dlog4j2.configurationFile={ROOT / 'scripts/lib/kafka/log4j2.properties'}",
+                "-cp", f"{home / 'worker'}/*", "org.apache.kafka.connect.cli.ConnectStandalone",
+                *props]
 
     def connect_idle(self, home: Path) -> None:
         """The worker with no connector on the benchmark's broker: start-up time and RSS."""
         rest = free_port()
         props = self.connect_worker_props(home, rest)
-        # connect-standalone.sh's heap (-Xms256M -Xmx2G) and the broker's log4j2 layout.
-        argv = ["java", "-Xms256m", "-Xmx2g", "-XX:+UseG1GC", "-Djava.awt.headless=true",
-                f"-Dlog4j2.configurationFile={ROOT / 'scripts/lib/kafka/log4j2.properties'}",
-                "-cp", f"{home / 'worker'}/*", "org.apache.kafka.connect.cli.ConnectStandalone",
-                props]
-        worker = self.spawn("connect-worker-idle", argv)
+        worker = self.spawn("connect-worker-idle", self.connect_argv(home, props))
         rss = RssSampler(worker.pid)
 
         def up() -> bool:
@@ -855,8 +876,7 @@ class Bench:
         svc2, port2 = self.start_service("service-kill-2", url, topic)
 
         def distinct() -> int:
-            return self.scalar(url, "SELECT count(DISTINCT (kafka_topic, kafka_partition, "
-                                    "kafka_offset)) FROM analytics.events")
+            return self.scalar(url, DISTINCT_SQL)
 
         if producer.proc.wait(timeout=secs + 120) != 0:
             die(f"kill producer failed: {producer.tail()}")
@@ -903,13 +923,7 @@ class Bench:
         svc.stop()
         if ok is None:
             die(f"latency phase: fewer than {count} rows stored")
-        q = (
-            "SELECT count(*), "
-            "percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY {x}), max({x}) "
-            "FROM analytics.events WHERE \"timestamp\" >= "
-            "(SELECT min(\"timestamp\") FROM analytics.events) + make_interval(secs => %s)"
-        )
-        commit = "1000 * extract(epoch FROM pg_xact_commit_timestamp(xmin) - \"timestamp\")"
+        q, commit = LATENCY_SQL, COMMIT_MS
         start = "1000 * extract(epoch FROM created_at - \"timestamp\")"
         with self.connect(url) as c:
             total = c.execute("SELECT count(*) FROM analytics.events").fetchone()[0]
@@ -999,10 +1013,8 @@ class Bench:
         rss.stop(self.logdir / "rss-outage.csv")
         paused_peak = rss.peak_mib(t_down, t_up)
         svc.stop()
-        rows = self.scalar(url, "SELECT count(*) FROM analytics.events")
-        distinct = self.scalar(
-            url, "SELECT count(DISTINCT (kafka_topic, kafka_partition, kafka_offset)) "
-                 "FROM analytics.events")
+        rows = self.scalar(url, ROWS_SQL)
+        distinct = self.scalar(url, DISTINCT_SQL)
         if not ok or rows != count or distinct != count:
             die(f"outage phase: {rows} rows ({distinct} distinct), expected {count}")
         self.res.values["outage_rss_mib"] = rss.hwm_kib / 1024

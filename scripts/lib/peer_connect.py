@@ -32,7 +32,6 @@ from urllib.parse import unquote, urlsplit
 import bench as B  # scripts/lib/bench.py (registered under this name when run as a script)
 from waiting import free_port, wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
 CONNECTOR = "nexus-jdbc-sink"
 
 # The Connect schema of one event, in JsonConverter's envelope. Debezium's logical names pick
@@ -54,9 +53,6 @@ ENVELOPE_HEAD = '{"schema":' + json.dumps(SCHEMA, separators=(",", ":")) + ',"pa
 # partitions and indexes. InsertField adds the record's coordinates as the columns the service
 # fills, and the upsert's conflict target is the table's idempotency key (coordinates +
 # "timestamp"), so a redelivered record updates its first copy instead of failing the task.
-DISTINCT = ("SELECT count(DISTINCT (kafka_topic, kafka_partition, kafka_offset)) "
-            "FROM analytics.events")
-COUNT = "SELECT count(*) FROM analytics.events"
 # A digest of what was stored, by source position (partition, offset), for comparing the
 # peer's rows with the service's rows of the same events (the topics' names differ).
 DIGEST = ("SELECT sum(hashtextextended(concat_ws('|', kafka_partition, kafka_offset, event_type, "
@@ -65,16 +61,20 @@ DIGEST = ("SELECT sum(hashtextextended(concat_ws('|', kafka_partition, kafka_off
 SEQUENCE_NAME = "SELECT pg_get_serial_sequence('analytics.events', 'id')"
 
 
+def wrap(payload: dict) -> bytes:
+    """One event's fields (`data` as JSON text) in the schema envelope."""
+    return (ENVELOPE_HEAD + json.dumps(payload, separators=(",", ":")) + "}").encode()
+
+
 def envelope(value: bytes) -> bytes:
     """One plain event (as `nexus-analytics produce` writes it) in the schema envelope."""
     ev = json.loads(value)
     data = ev.get("data")
-    payload = {
+    return wrap({
         "event_type": ev["event_type"], "user_id": ev["user_id"], "service": ev["service"],
         "timestamp": ev["timestamp"],
         "data": None if data is None else json.dumps(data, separators=(",", ":")),
-    }
-    return (ENVELOPE_HEAD + json.dumps(payload, separators=(",", ":")) + "}").encode()
+    })
 
 
 def wrap_topic(b, src: str, n: int, name: str) -> tuple[str, float, float]:
@@ -121,23 +121,13 @@ class Worker:
     """One Kafka Connect standalone worker running the JDBC sink on one topic and database."""
 
     def __init__(self, b, home: Path, topic: str, url: str, name: str):
-        self.b, self.home, self.topic, self.url = b, home, topic, url
         self.rest = free_port()
         tag = name.replace("connect-", "")
-        worker_props = b.workdir / f"connect-worker-{tag}.properties"
-        worker_props.write_text(
-            f"bootstrap.servers={b.brokers}\n"
-            "key.converter=org.apache.kafka.connect.storage.StringConverter\n"
-            "value.converter=org.apache.kafka.connect.json.JsonConverter\n"
-            "value.converter.schemas.enable=true\n"
-            f"offset.storage.file.filename={b.workdir / f'connect-{tag}.offsets'}\n"
-            # A sink's offsets are committed to its consumer group at this interval.
-            "offset.flush.interval.ms=1000\n"
+        worker_props = b.connect_worker_props(
+            home, self.rest, tag,
             "consumer.max.poll.records=10000\n"
             f"consumer.session.timeout.ms={b.args.session_timeout_ms}\n"
-            "consumer.auto.offset.reset=earliest\n"
-            f"plugin.path={home / 'sink'}\n"
-            f"listeners=http://127.0.0.1:{self.rest}\n")
+            "consumer.auto.offset.reset=earliest\n")
         u = urlsplit(url)
         connector_props = b.workdir / f"connect-sink-{tag}.properties"
         connector_props.write_text(
@@ -163,25 +153,24 @@ class Worker:
             "transforms.coordinates.topic.field=kafka_topic\n"
             "transforms.coordinates.partition.field=kafka_partition\n"
             "transforms.coordinates.offset.field=kafka_offset\n")
-        # connect-standalone.sh's heap (-Xms256M -Xmx2G) and the broker's log4j2 layout.
-        argv = ["java", "-Xms256m", "-Xmx2g", "-XX:+UseG1GC", "-Djava.awt.headless=true",
-                f"-Dlog4j2.configurationFile={ROOT / 'scripts/lib/kafka/log4j2.properties'}",
-                "-cp", f"{home / 'worker'}/*", "org.apache.kafka.connect.cli.ConnectStandalone",
-                worker_props, connector_props]
-        self.child = b.spawn(name, argv)
+        self.child = b.spawn(name, b.connect_argv(home, worker_props, connector_props))
 
     @property
     def pid(self) -> int:
         return self.child.pid
 
-    def failed_tasks(self) -> str | None:
-        """The first failed task's trace, from the REST API; None while none failed."""
+    def status(self) -> dict | None:
+        """The connector's status from the worker's REST API; None while it does not answer."""
         try:
             with urllib.request.urlopen(
                     f"http://127.0.0.1:{self.rest}/connectors/{CONNECTOR}/status", timeout=1) as r:
-                status = json.load(r)
+                return json.load(r)
         except (OSError, ValueError):
             return None
+
+    def failed_tasks(self) -> str | None:
+        """The first failed task's trace; None while none failed."""
+        status = self.status() or {}
         for t in status.get("tasks", []) + [status.get("connector", {})]:
             if t.get("state") == "FAILED":
                 return (t.get("trace") or "FAILED")[:600]
@@ -192,12 +181,19 @@ class Worker:
             raise SystemExit(f"[bench] the Connect worker exited: {self.child.tail(15)}")
 
 
-def rows_inserted(conn) -> int:
-    """Rows attempted so far, from the identity sequence (cheap to poll, unlike count(*);
-    not transactional, so the caller confirms with count(*))."""
-    seq = conn.execute(SEQUENCE_NAME).fetchone()[0]
-    last, called = conn.execute(f"SELECT last_value, is_called FROM {seq}").fetchone()
-    return int(last) if called else 0
+class Inserted:
+    """Rows attempted so far, from the identity sequence: cheap to poll every 50 ms, unlike
+    count(*), but not transactional, so callers confirm with count(*). The sequence's name is
+    looked up once."""
+
+    def __init__(self, conn):
+        self.conn = conn
+        seq = conn.execute(SEQUENCE_NAME).fetchone()[0]
+        self.sql = f"SELECT last_value, is_called FROM {seq}"
+
+    def __call__(self) -> int:
+        last, called = self.conn.execute(self.sql).fetchone()
+        return int(last) if called else 0
 
 
 def sink_version(home: Path) -> str:
@@ -210,13 +206,14 @@ def wait_rows(w: Worker, n: int, timeout: float, conn) -> tuple[float | None, fl
     first = None
     deadline = time.monotonic() + timeout
     last_check = 0.0
+    inserted = Inserted(conn)
     while time.monotonic() < deadline:
         w.check()
-        attempted = rows_inserted(conn)
+        attempted = inserted()
         now = time.monotonic()
         if attempted and first is None:
             first = now
-        if attempted >= n and conn.execute(COUNT).fetchone()[0] >= n:
+        if attempted >= n and conn.execute(B.ROWS_SQL).fetchone()[0] >= n:
             return first, time.monotonic()
         if now - last_check > 5:
             last_check = now
@@ -227,17 +224,12 @@ def wait_rows(w: Worker, n: int, timeout: float, conn) -> tuple[float | None, fl
     return first, None
 
 
-def fresh_peer_db(b, phase: str, admin_url: str | None = None) -> str:
-    """A database migrated by `nexus-analytics migrate`, as the service's phases get."""
-    return b.fresh_db(phase, admin_url=admin_url)
-
-
 def throughput(b, home: Path) -> None:
     """The backlog of the service's phase (same events), drained by the peer."""
     fmt_int = B.fmt_int
     n = b.args.events
     topic, plain, size = wrap_topic(b, b.topic, n, "connect")
-    url = fresh_peer_db(b, "connect")
+    url = b.fresh_db("connect")
     tracker = B.CpuTracker()
     w = Worker(b, home, topic, url, "connect-throughput")
     rss = B.RssSampler(w.pid)
@@ -250,8 +242,8 @@ def throughput(b, home: Path) -> None:
         raise SystemExit(f"[bench] Kafka Connect stored fewer than {n} rows within "
                          f"{b.args.timeout}s: {w.child.tail(10)}")
     w.child.stop()
-    rows = b.scalar(url, COUNT)
-    distinct = b.scalar(url, DISTINCT)
+    rows = b.scalar(url, B.ROWS_SQL)
+    distinct = b.scalar(url, B.DISTINCT_SQL)
     if rows != n or distinct != n:
         raise SystemExit(f"[bench] Kafka Connect stored {rows} rows ({distinct} distinct), "
                          f"expected {n}")
@@ -270,8 +262,8 @@ def throughput(b, home: Path) -> None:
     v["connect_rss_mib"], v["connect_cpu_s_per_m"] = rss.hwm_kib / 1024, per_m
     b.res.add("peer", "Kafka Connect + JDBC sink", f"{fmt_int(eps)}/s",
               f"connect-runtime {b.args.kafka_version} + Debezium JDBC sink "
-              f"{sink_version(home)}, {b.args.partitions} tasks, upsert on the Kafka "
-              f"coordinates, batches of 10,000; {fmt_int(n)} rows in {total:.2f}s from JVM start "
+              f"{sink_version(home)}, {b.args.partitions} tasks, upsert on the idempotency "
+              f"key, batches of 10,000; {fmt_int(n)} rows in {total:.2f}s from JVM start "
               f"(first row after {first - w.child.started:.2f}s; {fmt_int(steady)}/s after it)")
     b.res.add("peer", "  its input", f"{size:.0f} B/event",
               f"the same events ({plain:.0f} B each), keys and partitions in JsonConverter's "
@@ -288,12 +280,12 @@ def kill(b, home: Path) -> None:
     fmt_int = B.fmt_int
     count = min(b.args.events, b.args.rate * b.args.kill_secs)
     topic, _, _ = wrap_topic(b, b.topic, count, "connect-kill")
-    url = fresh_peer_db(b, "connect_kill")
+    url = b.fresh_db("connect_kill")
     w = Worker(b, home, topic, url, "connect-kill-1")
     with b.connect(url) as conn:
-        ok = wait_until(b.args.timeout,
-                        lambda: (w.check(), rows_inserted(conn))[1] >= 0.4 * count, 0.02)
-        stored_before = conn.execute(COUNT).fetchone()[0]
+        inserted = Inserted(conn)
+        ok = wait_until(b.args.timeout, lambda: (w.check(), inserted())[1] >= 0.4 * count, 0.02)
+        stored_before = conn.execute(B.ROWS_SQL).fetchone()[0]
     if not ok:
         raise SystemExit(f"[bench] Kafka Connect stored too little before the kill: {w.child.tail()}")
     os.kill(w.pid, signal.SIGKILL)
@@ -304,17 +296,17 @@ def kill(b, home: Path) -> None:
 
     def distinct() -> int:
         w2.check()
-        return b.scalar(url, DISTINCT)
+        return b.scalar(url, B.DISTINCT_SQL)
 
     ok = wait_until(180, lambda: distinct() >= count, 0.5)
     caught = time.monotonic() - killed
     time.sleep(2)  # let a redelivered batch in flight land, so a duplicate would be counted
     w2.child.stop()
-    rows = b.scalar(url, COUNT)
-    dist = b.scalar(url, DISTINCT)
+    rows = b.scalar(url, B.ROWS_SQL)
+    dist = b.scalar(url, B.DISTINCT_SQL)
     lost, dup = count - dist, rows - dist
     with b.connect(url) as conn:
-        attempted = rows_inserted(conn)
+        attempted = Inserted(conn)()
     b.res.values["connect_kill_lost"], b.res.values["connect_kill_duplicated"] = lost, dup
     b.res.add("kill -9", "Kafka Connect + JDBC sink", f"lost {lost}, duplicated {dup}",
               f"{fmt_int(count)} produced (a backlog), {fmt_int(rows)} rows, {fmt_int(dist)} "
@@ -347,8 +339,7 @@ def produce_paced(b, topic: str, rate: int, secs: float, seed: int) -> int:
             payload = {"event_type": rng.choice(types), "user_id": user,
                        "service": "auth-service", "timestamp": now.replace("+00:00", "Z"),
                        "data": '{"method":"password"}'}
-            producer.produce(topic, key=user.encode(), value=(
-                ENVELOPE_HEAD + json.dumps(payload, separators=(",", ":")) + "}").encode())
+            producer.produce(topic, key=user.encode(), value=wrap(payload))
             sent += 1
         producer.poll(0)
         time.sleep(0.01)
@@ -362,19 +353,14 @@ def latency(b) -> None:
     home = Path(b.args.connect_home).resolve()
     rate, secs, warm = b.args.rate, b.args.latency_secs, b.args.latency_warm_secs
     pg = b.ensure_private_pg()
-    url = fresh_peer_db(b, "connect_latency", admin_url=pg.admin_url)
+    url = b.fresh_db("connect_latency", admin_url=pg.admin_url)
     topic = b.create_topic("connect-latency")
     w = Worker(b, home, topic, url, "connect-latency")
     rss = B.RssSampler(w.pid)
 
     def running() -> bool:
         w.check()
-        try:
-            with urllib.request.urlopen(
-                    f"http://127.0.0.1:{w.rest}/connectors/{CONNECTOR}/status", timeout=1) as r:
-                tasks = json.load(r).get("tasks", [])
-        except (OSError, ValueError):
-            return False
+        tasks = (w.status() or {}).get("tasks", [])
         return len(tasks) == b.args.partitions and all(t["state"] == "RUNNING" for t in tasks)
 
     if not wait_until(120, running, 0.2):
@@ -386,12 +372,8 @@ def latency(b) -> None:
     w.child.stop()
     if done is None:
         raise SystemExit(f"[bench] Connect latency phase: fewer than {count} rows stored")
-    commit = "1000 * extract(epoch FROM pg_xact_commit_timestamp(xmin) - \"timestamp\")"
-    q = (f"SELECT count(*), percentile_cont(ARRAY[0.5, 0.95, 0.99]) WITHIN GROUP (ORDER BY "
-         f"{commit}), max({commit}) FROM analytics.events WHERE \"timestamp\" >= "
-         "(SELECT min(\"timestamp\") FROM analytics.events) + make_interval(secs => %s)")
     with b.connect(url) as c:
-        rows, pc, pc_max = c.execute(q, [warm]).fetchone()
+        rows, pc, pc_max = c.execute(B.LATENCY_SQL.format(x=B.COMMIT_MS), [warm]).fetchone()
     p50, p95, p99 = (float(x) for x in pc)
     b.res.values["connect_p99_ms"] = p99
     b.res.add("latency", f"Kafka Connect + JDBC sink @{B.fmt_int(rate)}/s",
